@@ -1,0 +1,1 @@
+"""asv benchmarks for curvlin; see ``common.py`` for the backend parametrisation."""

@@ -1,0 +1,156 @@
+"""The backend protocol and the pure-standard implementation every backend inherits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = Any
+
+
+class Backend:
+    """Linear algebra that the array API standard lacks, for one array library.
+
+    The pure-standard methods here work on any array-API namespace (they are what the
+    ``generic`` backend uses, exercised with array-api-strict); library backends override them
+    with native kernels. Every method takes and returns arrays of the backend's library and
+    keeps the input's device and dtype.
+
+    Parameters
+    ----------
+    xp : namespace
+        The array-API-compatible namespace (as returned by ``array_api_compat.array_namespace``).
+    """
+
+    #: Short name shown by ``python -m curvlin`` and in error messages.
+    name = "generic"
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def __repr__(self) -> str:
+        return f"<curvlin backend {self.name!r}>"
+
+    # -- factorisations -----------------------------------------------------------------
+    def cholesky_ex(self, a: Array) -> tuple[Array, Array]:
+        """Lower Cholesky factors of a stack ``(..., n, n)`` and a success mask ``(...)``.
+
+        Never raises for a matrix that is not positive definite: its mask entry is False and
+        its factor is unspecified. Native backends report failure without a host
+        synchronisation where the library can (torch's ``cholesky_ex``).
+        """
+        xp = self.xp
+        try:
+            factor = xp.linalg.cholesky(a)
+        except Exception:  # the standard leaves the failure mode open; find the bad ones
+            return self._cholesky_one_by_one(a)
+        return factor, _finite_with_positive_diagonal(xp, factor)
+
+    def _cholesky_one_by_one(self, a: Array) -> tuple[Array, Array]:
+        # Failure path only: a Python loop over matrices (never over elements).
+        xp = self.xp
+        n = a.shape[-1]
+        flat = xp.reshape(a, (-1, n, n))
+        factors, ok = [], []
+        for i in range(flat.shape[0]):
+            try:
+                factors.append(xp.linalg.cholesky(flat[i, ...]))
+                ok.append(True)
+            except Exception:
+                factors.append(xp.zeros_like(flat[i, ...]))
+                ok.append(False)
+        factor = xp.reshape(xp.stack(factors), a.shape)
+        mask = xp.reshape(xp.asarray(ok, device=_device(a)), a.shape[:-2])
+        return factor, xp.logical_and(mask, _finite_with_positive_diagonal(xp, factor))
+
+    # -- triangular and Cholesky solves -------------------------------------------------
+    def solve_triangular(self, t: Array, b: Array, /, *, lower: bool) -> Array:
+        """Solve ``t @ x = b`` for triangular ``t`` ``(..., n, n)`` and ``b`` ``(..., n, k)``."""
+        # The standard has no triangular solve; a general solve is correct, only slower.
+        return self.xp.linalg.solve(t, b)
+
+    def cholesky_solve(self, factor: Array, b: Array, /) -> Array:
+        """Solve ``(L Lᵀ) x = b`` from the lower Cholesky factor ``L``; ``b`` is ``(..., n, k)``."""
+        y = self.solve_triangular(factor, b, lower=True)
+        return self.solve_triangular(self.xp.linalg.matrix_transpose(factor), y, lower=False)
+
+    def cholesky_inverse(self, factor: Array, /) -> Array:
+        """``(L Lᵀ)⁻¹`` from the lower Cholesky factor ``L``."""
+        xp = self.xp
+        n = factor.shape[-1]
+        eye = xp.eye(n, dtype=factor.dtype, device=_device(factor))
+        linv = self.solve_triangular(factor, xp.broadcast_to(eye, factor.shape), lower=True)
+        return xp.linalg.matrix_transpose(linv) @ linv
+
+    # -- contractions -------------------------------------------------------------------
+    def einsum(self, subscripts: str, /, *operands: Array) -> Array:
+        """Einstein summation over explicit subscripts (``"ij,jk->ik"``; no ellipsis).
+
+        The pure-standard version broadcasts every operand to the joint index set and sums, so
+        it is meant for small problems and references; native backends call the library's.
+        """
+        return _broadcast_einsum(self.xp, subscripts, operands)
+
+    # -- device -------------------------------------------------------------------------
+    def synchronize(self, x: Array | None = None) -> None:
+        """Block until work queued on ``x``'s device has finished (a no-op on the CPU)."""
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Copy ``x`` to a NumPy array on the host (for tests, references and reports)."""
+        return np.from_dlpack(x)
+
+
+def _device(x: Array):
+    from array_api_compat import device
+
+    return device(x)
+
+
+def _finite_with_positive_diagonal(xp, factor: Array) -> Array:
+    diag = xp.linalg.diagonal(factor)
+    finite = xp.all(xp.isfinite(factor), axis=(-2, -1))
+    return xp.logical_and(finite, xp.all(diag > 0, axis=-1))
+
+
+def _broadcast_einsum(xp, subscripts: str, operands) -> Array:
+    spec = subscripts.replace(" ", "")
+    if "..." in spec:
+        raise ValueError(
+            f"einsum: ellipsis is not supported by the generic backend, got {subscripts!r}"
+        )
+    if "->" in spec:
+        inputs, output = spec.split("->")
+    else:
+        inputs = spec
+        letters = inputs.replace(",", "")
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    terms = inputs.split(",")
+    if len(terms) != len(operands):
+        raise ValueError(
+            f"einsum: subscripts {subscripts!r} name {len(terms)} operands, got {len(operands)}"
+        )
+    order = list(dict.fromkeys(output + "".join(terms)))
+    sizes: dict[str, int] = {}
+    product = None
+    for term, op in zip(terms, operands):
+        if len(term) != op.ndim:
+            raise ValueError(f"einsum: term {term!r} does not match an operand of shape {op.shape}")
+        if len(set(term)) != len(term):
+            raise ValueError(f"einsum: repeated index in {term!r} is not supported")
+        for c, n in zip(term, op.shape):
+            if sizes.setdefault(c, n) != n and n != 1 and sizes[c] != 1:
+                raise ValueError(f"einsum: index {c!r} has sizes {sizes[c]} and {n}")
+            sizes[c] = max(sizes[c], n)
+        present = [c for c in order if c in term]
+        aligned = xp.permute_dims(op, tuple(term.index(c) for c in present))
+        aligned = xp.reshape(
+            aligned, tuple(op.shape[term.index(c)] if c in term else 1 for c in order)
+        )
+        product = aligned if product is None else product * aligned
+    summed = tuple(i for i, c in enumerate(order) if c not in output)
+    if summed:
+        product = xp.sum(product, axis=summed)
+    remaining = [c for c in order if c in output]
+    result = xp.permute_dims(product, tuple(remaining.index(c) for c in output))
+    return xp.broadcast_to(result, tuple(sizes[c] for c in output))

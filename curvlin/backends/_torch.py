@@ -1,0 +1,45 @@
+"""PyTorch backend (CPU and CUDA): native batched kernels, failure reported without a sync."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, xp):
+        super().__init__(xp)
+        import torch
+
+        self._torch = torch
+
+    def cholesky_ex(self, a):
+        factor, info = self._torch.linalg.cholesky_ex(a)
+        ok = (info == 0) & self._torch.isfinite(factor).all(dim=(-2, -1))
+        return factor, ok
+
+    def solve_triangular(self, t, b, /, *, lower):
+        return self._torch.linalg.solve_triangular(t, b, upper=not lower)
+
+    def cholesky_solve(self, factor, b, /):
+        return self._torch.cholesky_solve(b, factor)
+
+    def cholesky_inverse(self, factor, /):
+        return self._torch.cholesky_inverse(factor)
+
+    def einsum(self, subscripts, /, *operands):
+        return self._torch.einsum(subscripts, *operands)
+
+    def synchronize(self, x=None):
+        torch = self._torch
+        if x is None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+        elif x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+
+    def to_numpy(self, x):
+        return np.asarray(x.detach().cpu())

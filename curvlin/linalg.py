@@ -1,0 +1,299 @@
+"""SPD inverse, solve and inverse root on stacks of matrices, with jitter and float64 recovery.
+
+Every function factorises ``m + damping·I``. A Cholesky factorisation that fails (roundoff
+on a nearly singular matrix) is retried on the failing matrices only, first with a jitter of
+``c·eps·mean(diag)`` in the input dtype, then in float64 with growing jitter up to
+``1e-6·mean(diag)``; the result is cast back to the input dtype. If that also fails,
+:class:`curvlin.LinAlgError` says which matrices and why. Nothing returns NaN or inf silently.
+
+Deciding whether to retry needs one look at a success flag on the host per call. These
+functions belong on the refresh path of an optimizer (every few steps), not in its per-step
+solve, which applies cached inverses with plain matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+
+from ._errors import LinAlgError
+from ._validation import check_damping, check_square, namespace_of
+from .backends import Array, Backend
+
+__all__ = ["spd_inverse", "spd_inverse_root", "spd_solve"]
+
+#: Relative jitters (times eps of the input dtype) tried before moving to float64.
+_JITTER_EPS_MULTIPLES = (1e1, 1e3)
+#: Relative jitters tried in float64.
+_JITTER_FLOAT64 = (0.0, 1e-12, 1e-10, 1e-8, 1e-6)
+
+
+def spd_inverse(m: Array, /, *, damping=0.0) -> Array:
+    """Inverse of symmetric positive definite matrices, ``(m + damping·I)⁻¹``.
+
+    Parameters
+    ----------
+    m : array, shape (..., n, n)
+        Symmetric positive (semi)definite matrices; only the lower triangle is read.
+    damping : float or array, optional
+        Added to the diagonal before inverting: a non-negative number, or an array that
+        broadcasts against the stack shape ``m.shape[:-2]`` (one damping per matrix; not
+        checked for sign, to avoid a device synchronisation).
+
+    Returns
+    -------
+    array, shape (..., n, n)
+        The symmetric inverse, in ``m``'s dtype and on its device.
+
+    Raises
+    ------
+    LinAlgError
+        If a matrix holds NaN or inf, or is not positive definite even after jitter and a
+        float64 retry.
+
+    References
+    ----------
+    Golub & Van Loan, *Matrix Computations*, 4th ed., §4.2 (Cholesky).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin import spd_inverse
+    >>> m = np.array([[4.0, 2.0], [2.0, 3.0]])
+    >>> spd_inverse(m) @ m
+    array([[1., 0.],
+           [0., 1.]])
+    >>> spd_inverse(np.stack([m, 2 * m]), damping=1.0).shape
+    (2, 2, 2)
+    """
+    backend = namespace_of(("m", m), func="spd_inverse")
+    check_square(m, "m", "spd_inverse")
+    damping = check_damping(damping, "damping", "spd_inverse", like=m)
+    return _inverse(backend, m, damping, "spd_inverse", "m")
+
+
+def _inverse(backend: Backend, m: Array, damping, func: str, name: str) -> Array:
+    """:func:`spd_inverse` after validation; ``func`` and ``name`` label its errors."""
+    work = _damped(backend, _working_copy(backend, m), damping)
+    factor = _cholesky(backend, work, func, name)
+    inv = backend.cholesky_inverse(factor)
+    return backend.xp.astype(_symmetrize(backend, inv), m.dtype)
+
+
+def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
+    """Solve ``(m + damping·I) x = b`` for symmetric positive definite ``m``.
+
+    Parameters
+    ----------
+    m : array, shape (..., n, n)
+        Symmetric positive (semi)definite matrices; only the lower triangle is read.
+    b : array, shape (n,) or (..., n, k)
+        Right-hand sides: a vector, or a stack of ``k`` columns whose stack shape broadcasts
+        against ``m``'s (array-API convention: a 1-D ``b`` is a vector).
+    damping : float or array, optional
+        As in :func:`spd_inverse`.
+
+    Returns
+    -------
+    array
+        ``x``, shaped like the broadcast of ``m`` and ``b`` (``(..., n)`` for a vector ``b``).
+
+    Raises
+    ------
+    LinAlgError
+        As in :func:`spd_inverse`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin import spd_solve
+    >>> m = np.array([[4.0, 2.0], [2.0, 3.0]])
+    >>> spd_solve(m, np.array([6.0, 5.0]))
+    array([1., 1.])
+    """
+    backend = namespace_of(("m", m), ("b", b), func="spd_solve")
+    n = check_square(m, "m", "spd_solve")
+    xp = backend.xp
+    vector = b.ndim == 1
+    if b.ndim == 0 or b.shape[-2 if not vector else -1] != n:
+        raise ValueError(
+            f"spd_solve: b must have shape ({n},) or (..., {n}, k) to match m of shape "
+            f"{tuple(m.shape)}, got {tuple(b.shape)}"
+        )
+    damping = check_damping(damping, "damping", "spd_solve", like=m)
+    rhs = b[:, None] if vector else b
+    try:
+        batch = np.broadcast_shapes(tuple(m.shape[:-2]), tuple(rhs.shape[:-2]))
+    except ValueError:
+        raise ValueError(
+            f"spd_solve: stack shapes of m {tuple(m.shape)} and b {tuple(b.shape)} do not broadcast"
+        ) from None
+    work = _damped(backend, _working_copy(backend, m), damping)
+    factor = _cholesky(backend, work, "spd_solve", "m")
+    factor = xp.broadcast_to(factor, (*batch, n, n))
+    rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), (*batch, n, rhs.shape[-1]))
+    x = xp.astype(backend.cholesky_solve(factor, rhs), b.dtype)
+    return x[..., 0] if vector else x
+
+
+def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
+    """Inverse ``p``-th root of symmetric positive definite matrices, ``(m + damping·I)^(-1/p)``.
+
+    Computed from an eigendecomposition. Eigenvalues of ``m + damping·I`` that are negative by
+    no more than roundoff (``n·eps·max|λ|``) are raised to that tolerance; clearly negative ones
+    raise :class:`~curvlin.LinAlgError`.
+
+    Parameters
+    ----------
+    m : array, shape (..., n, n)
+        Symmetric positive (semi)definite matrices.
+    p : float
+        The root, ``p > 0`` (``p = 1`` is the inverse, ``p = 4`` Shampoo's matrix case).
+    damping : float or array, optional
+        As in :func:`spd_inverse`.
+
+    Returns
+    -------
+    array, shape (..., n, n)
+        Symmetric ``(m + damping·I)^(-1/p)`` in ``m``'s dtype.
+
+    Raises
+    ------
+    LinAlgError
+        If a matrix holds NaN or inf, or has a clearly negative eigenvalue.
+
+    References
+    ----------
+    Gupta, Koren & Singer (2018), Shampoo, Algorithm 1 (``L^(-1/4) G R^(-1/4)``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin import spd_inverse_root
+    >>> spd_inverse_root(np.diag([4.0, 16.0]), 2)
+    array([[0.5 , 0.  ],
+           [0.  , 0.25]])
+    """
+    backend = namespace_of(("m", m), func="spd_inverse_root")
+    check_square(m, "m", "spd_inverse_root")
+    if isinstance(p, bool) or not isinstance(p, Real) or not p > 0:
+        raise ValueError(f"spd_inverse_root: p must be a positive number, got {p!r}")
+    damping = check_damping(damping, "damping", "spd_inverse_root", like=m)
+    xp = backend.xp
+    work = _damped(backend, _working_copy(backend, m), damping)
+    evals, evecs, tol = _eigh_checked(backend, work, "spd_inverse_root", "m")
+    evals = xp.maximum(evals, tol)
+    root = (evecs * (evals ** (-1.0 / float(p)))[..., None, :]) @ xp.matrix_transpose(evecs)
+    return xp.astype(_symmetrize(backend, root), m.dtype)
+
+
+# -- shared pieces ------------------------------------------------------------------------
+
+
+def _working_copy(backend: Backend, m: Array) -> Array:
+    """``m`` in a dtype the factorisations support (float16/bfloat16 are raised to float32)."""
+    xp = backend.xp
+    if m.dtype in (xp.float32, xp.float64):
+        return m
+    return xp.astype(m, xp.float32)
+
+
+def _identity(backend: Backend, m: Array) -> Array:
+    from array_api_compat import device
+
+    return backend.xp.eye(m.shape[-1], dtype=m.dtype, device=device(m))
+
+
+def _damped(backend: Backend, m: Array, damping) -> Array:
+    if isinstance(damping, float) and damping == 0.0:
+        return m
+    xp = backend.xp
+    if not isinstance(damping, float):
+        damping = xp.astype(damping, m.dtype)[..., None, None]
+    return m + damping * _identity(backend, m)
+
+
+def _symmetrize(backend: Backend, m: Array) -> Array:
+    return 0.5 * (m + backend.xp.matrix_transpose(m))
+
+
+def _mean_diagonal(xp, m: Array) -> Array:
+    """Per-matrix mean |diagonal|, with 1 where that is zero or not finite (jitter scale)."""
+    scale = xp.mean(xp.abs(xp.linalg.diagonal(m)), axis=-1)
+    good = xp.logical_and(xp.isfinite(scale), scale > 0)
+    return xp.where(good, scale, xp.ones_like(scale))
+
+
+def _cholesky(backend: Backend, m: Array, func: str, name: str) -> Array:
+    """Lower Cholesky factor of ``m``, recovered with jitter and float64 if it fails."""
+    xp = backend.xp
+    factor, ok = backend.cholesky_ex(m)
+    if bool(xp.all(ok)):  # the one host look per call; see the module docstring
+        return factor
+    _raise_if_not_finite(xp, m, func, name)
+    scale = _mean_diagonal(xp, m)[..., None, None] * _identity(backend, m)
+    attempts = [(m.dtype, c * xp.finfo(m.dtype).eps) for c in _JITTER_EPS_MULTIPLES]
+    attempts += [(xp.float64, c) for c in _JITTER_FLOAT64]
+    for dtype, rel in attempts:
+        failed = xp.logical_not(ok)[..., None, None]
+        if dtype != factor.dtype:
+            factor = xp.astype(factor, dtype)
+        base = xp.astype(m, dtype)
+        retry, retry_ok = backend.cholesky_ex(base + rel * xp.astype(scale, dtype))
+        factor = xp.where(failed, retry, factor)
+        ok = xp.logical_or(ok, retry_ok)
+        if bool(xp.all(ok)):
+            return factor
+    bad = int(xp.sum(xp.astype(xp.logical_not(ok), xp.int32)))
+    total = math.prod(ok.shape)
+    low = float(xp.min(xp.linalg.eigvalsh(xp.astype(m, xp.float64))))
+    n = m.shape[-1]
+    raise LinAlgError(
+        f"{func}: {name} is not positive definite: Cholesky failed for {bad} of {total} "
+        f"{n}×{n} matrices even with jitter up to {_JITTER_FLOAT64[-1]:g}·mean(diag) in "
+        f"float64 (smallest eigenvalue {low:.3g}); add damping or check the matrix"
+    )
+
+
+def _raise_if_not_finite(xp, m: Array, func: str, name: str) -> None:
+    finite = xp.all(xp.isfinite(m), axis=(-2, -1))
+    if not bool(xp.all(finite)):
+        bad = int(xp.sum(xp.astype(xp.logical_not(finite), xp.int32)))
+        n = m.shape[-1]
+        raise LinAlgError(
+            f"{func}: {name} of shape {tuple(m.shape)} holds NaN or inf in {bad} of its "
+            f"{n}×{n} matrices; nothing to factorise"
+        )
+
+
+def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Array, Array, Array]:
+    """Eigenpairs of a PSD ``m`` and a roundoff tolerance per matrix.
+
+    Eigenvalues negative by no more than the tolerance are set to 0; clearly negative ones,
+    NaN or inf raise :class:`LinAlgError`. The float64 retry may return float64 arrays.
+    """
+    xp = backend.xp
+    for dtype in dict.fromkeys((m.dtype, xp.float64)):  # retry in float64 if eigh fails
+        work = xp.astype(m, dtype)
+        try:
+            evals, evecs = xp.linalg.eigh(work)
+        except Exception:  # e.g. LAPACK's "did not converge"; the checks below explain it
+            continue
+        if bool(xp.all(xp.isfinite(evals))):
+            break
+    else:
+        _raise_if_not_finite(xp, m, func, name)
+        raise LinAlgError(f"{func}: eigendecomposition of {name} did not converge")
+    n = m.shape[-1]
+    tol = n * xp.finfo(work.dtype).eps * xp.max(xp.abs(evals), axis=-1, keepdims=True)
+    tol = xp.where(tol > 0, tol, xp.full_like(tol, xp.finfo(work.dtype).smallest_normal))
+    if not bool(xp.all(evals >= -tol)):
+        low = float(xp.min(evals))
+        raise LinAlgError(
+            f"{func}: {name} is not positive semidefinite: smallest eigenvalue of "
+            f"{name} + damping·I is {low:.3g} (tolerance {float(xp.max(tol)):.3g}) for "
+            f"{n}×{n} matrices; add damping or check the matrix"
+        )
+    return xp.where(evals > tol, evals, xp.zeros_like(evals)), evecs, tol
