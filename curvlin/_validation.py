@@ -48,7 +48,9 @@ def check_square(m: Array, name: str, func: str, *, stacked: bool = True) -> int
     """Size ``n`` of a square matrix (or stack of them, ``(..., n, n)``)."""
     if m.ndim < 2 or (not stacked and m.ndim != 2) or m.shape[-1] != m.shape[-2]:
         want = "(..., n, n)" if stacked else "(n, n)"
-        raise ValueError(f"{func}: {name} must be a square matrix of shape {want}, got {m.shape}")
+        raise ValueError(
+            f"{func}: {name} must be a square matrix of shape {want}, got {tuple(m.shape)}"
+        )
     return m.shape[-1]
 
 
@@ -103,7 +105,7 @@ def factor_list(factors, func: str, *, square: bool = True) -> tuple[list[Array]
         if square:
             check_square(f, name, func, stacked=False)
         elif f.ndim != 2:
-            raise ValueError(f"{func}: {name} must be a 2-D matrix, got shape {f.shape}")
+            raise ValueError(f"{func}: {name} must be a 2-D matrix, got shape {tuple(f.shape)}")
     return factors, backend
 
 

@@ -338,5 +338,7 @@ def kron_solve(factors, x: Array, /, *, damping=0.0, exact: bool = False) -> Arr
     array([[1.    , 1.    , 0.25  ],
            [0.25  , 0.25  , 0.0625]])
     """
+    checked, _ = factor_list(factors, "kron_solve")
+    check_kron_operand(checked, x, "kron_solve")
     fact = kron_factorize(factors, damping=damping, exact=exact)
     return fact.solve(x)

@@ -9,11 +9,20 @@ then every test that would run on it fails, so CI cannot pass by skipping silent
 
 from __future__ import annotations
 
-import functools
+import os
 
-import numpy as np
-import pytest
-from _helpers import (
+# The problems here are small: thread pools only add contention. On a 2-core machine, torch's
+# OpenMP threads and OpenBLAS's threads spinning against each other made a 256×256 NumPy
+# solve several times slower once torch had run. Set before NumPy or torch is imported;
+# an explicit setting in the environment wins.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from _helpers import (  # noqa: E402
     BACKEND_LABELS,
     REQUIRE_ENV,
     asarray,

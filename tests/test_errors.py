@@ -128,15 +128,14 @@ def test_arrays_from_two_libraries(other):
         kron_apply([np.eye(2)], asarray(oxp, odev, np.ones(2)))
     with pytest.raises(TypeError, match=rf"spd_solve: .*one array library.*m: {kind}, b: numpy"):
         spd_solve(theirs, np.ones(2))
-    with pytest.raises(TypeError, match=r"kron_factorize: .*one array library"):
+    with pytest.raises(TypeError, match=r"kron_solve: .*one array library"):
         kron_solve([theirs, np.eye(2)], np.ones((2, 2)), damping=0.1)
 
 
 @pytest.mark.parametrize("other", ["torch", "array_api_strict"])
 def test_damping_array_from_another_library(other):
-    # BUG(curvlin, reported): a damping array from another library is passed through
-    # unchecked and fails inside the backend (AttributeError "'numpy.ndarray' object has no
-    # attribute 'to'" for torch m with a NumPy damping) instead of a TypeError naming damping.
+    # Regression: an unchecked damping array used to fail inside the backend with an
+    # AttributeError ("'numpy.ndarray' object has no attribute 'to'").
     oxp, odev = require_backend(other)
     with pytest.raises(TypeError, match=r"spd_inverse: .*damping"):
         spd_inverse(asarray(oxp, odev, np.eye(3)), damping=np.ones(()))
@@ -250,9 +249,8 @@ _ROUNDOFF_POSITIVE_SEEDS = [2, 34, 72, 112]
 
 @pytest.mark.parametrize("seed", _ROUNDOFF_POSITIVE_SEEDS)
 def test_exact_kron_singular_product_raises(xp, to_xp, seed):
-    # BUG(curvlin, reported): kron_factorize(exact=True) only checks ``λ ⊗ … + damping > 0``
-    # exactly; a singular factor whose zero eigenvalues come back from eigh as +1e-16 passes
-    # and the solve returns values ~1e17 instead of raising the documented LinAlgError.
+    # Regression: an exact ``λ ⊗ … + damping > 0`` check let zero eigenvalues returned as
+    # +1e-16 through, and the solve returned values ~1e17 instead of raising.
     f = random_psd_low_rank(np.random.default_rng(seed), 6, 3)
     with pytest.raises(LinAlgError, match=r"kron_factorize: .*singular"):
         kron_solve([to_xp(f), to_xp(np.eye(3))], to_xp(np.ones((6, 3))), damping=0.0, exact=True)
@@ -286,9 +284,8 @@ def test_bad_damping_type(xp, to_xp, func, bad):
 
 
 def test_damping_array_that_does_not_broadcast(xp, to_xp):
-    # BUG(curvlin, reported): the shape of a damping array is not checked, so a mismatch
-    # surfaces as the backend's own broadcasting error (NumPy "operands could not be broadcast",
-    # torch RuntimeError) that names neither damping nor the stack shape.
+    # Regression: the mismatch used to surface as the backend's own broadcasting error
+    # (NumPy "operands could not be broadcast", torch RuntimeError), naming neither.
     m = to_xp(np.stack([np.eye(3)] * 3))
     with pytest.raises(ValueError, match=r"spd_inverse: damping .*\(2,\).*\(3,\)"):
         spd_inverse(m, damping=to_xp(np.ones(2)))
@@ -322,8 +319,7 @@ def test_inverse_root_p_not_a_number(xp, to_xp, p):
 
 @pytest.mark.parametrize("p", [np.int64(2), np.float32(2.0)], ids=["np.int64", "np.float32"])
 def test_inverse_root_accepts_numpy_scalars(xp, to_xp, to_np, p):
-    # BUG(curvlin, reported): p is checked with isinstance(p, int | float), which rejects
-    # NumPy scalars such as np.int64(2) ("p must be a positive number, got np.int64(2)").
+    # Regression: an isinstance(p, int | float) check rejected NumPy scalars.
     out = spd_inverse_root(to_xp(np.diag([4.0, 16.0])), p)
     np.testing.assert_allclose(to_np(out), np.diag([0.5, 0.25]), rtol=1e-6)
 

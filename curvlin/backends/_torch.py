@@ -42,4 +42,7 @@ class TorchBackend(Backend):
             torch.cuda.synchronize(x.device)
 
     def to_numpy(self, x):
-        return np.asarray(x.detach().cpu())
+        x = x.detach().cpu()
+        if x.dtype == self._torch.bfloat16:  # NumPy has no bfloat16
+            x = x.float()
+        return np.asarray(x)
