@@ -1,0 +1,143 @@
+"""Hooks that capture layer inputs and output gradients, only while asked to.
+
+Inputs come from forward pre-hooks; output gradients from a tensor hook registered on the
+layer's output inside a forward hook (module full-backward hooks break on in-place operations
+that follow a layer). Nothing is recorded unless :attr:`LayerCapture.active` is set, the module
+is in training mode and gradients are enabled, so evaluation passes never disturb statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ._layers import LayerHandler, handler_for
+
+__all__ = ["LayerCapture", "Record", "find_layers"]
+
+
+class Record:
+    """One call of one layer: its input, output and (later) output gradient."""
+
+    __slots__ = ("grad", "input", "output")
+
+    def __init__(self, input: torch.Tensor):
+        self.input = input
+        self.output: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+
+
+def find_layers(
+    model: nn.Module, *, unsupported: str = "error"
+) -> tuple[dict[str, LayerHandler], list[nn.Parameter]]:
+    """Supported layers by name, and the trainable parameters outside them.
+
+    With ``unsupported="error"`` a trainable parameter outside a supported layer raises a
+    ValueError listing them; with ``"sgd"`` they are returned for a plain update.
+    """
+    if unsupported not in ("error", "sgd"):
+        raise ValueError(f"unsupported must be 'error' or 'sgd', got {unsupported!r}")
+    layers: dict[str, LayerHandler] = {}
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        handler = handler_for(module)
+        if handler is None or not module.weight.requires_grad:
+            continue
+        layers[name] = handler
+        covered.update(id(p) for p in module.parameters(recurse=False))
+    others = [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+    ]
+    if others and unsupported == "error":
+        names = ", ".join(f"{n} {tuple(p.shape)}" for n, p in others)
+        raise ValueError(
+            f"curvlin: trainable parameters outside supported layers (Linear, Conv2d and "
+            f"registered types): {names}. Pass unsupported='sgd' to give them the plain "
+            "momentum-SGD update, freeze them, or register a handler for their layer type"
+        )
+    if not layers:
+        raise ValueError("curvlin: the model has no supported layer (Linear, Conv2d, ...)")
+    return layers, [p for _, p in others]
+
+
+class LayerCapture:
+    """Forward pre-hooks and output tensor hooks on a set of layers.
+
+    Parameters
+    ----------
+    layers : mapping of name to LayerHandler
+    root : nn.Module, optional
+        The whole model: a pre-hook on it counts the examples of every recorded forward pass
+        (its first argument's leading axis), the per-example scale of a batch-mean loss.
+    """
+
+    def __init__(self, layers: Mapping[str, LayerHandler], root: nn.Module | None = None):
+        self.layers = dict(layers)
+        self._active = False
+        self.removed = False
+        #: Also hook the outputs' gradients in the next backward (empirical Fisher).
+        self.capture_grads = True
+        self.records: dict[str, list[Record]] = {}
+        #: Examples seen by the root module while recording (0 if it could not tell).
+        self.examples = 0
+        self._handles = []
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(self._count_examples))
+        for name, handler in self.layers.items():
+            module = handler.module
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(module.register_forward_hook(self._post_hook(name)))
+
+    @property
+    def active(self) -> bool:
+        """Whether forward passes are recorded now (always False once removed)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = bool(value) and not self.removed
+
+    def _recording(self, module: nn.Module) -> bool:
+        return self._active and module.training and torch.is_grad_enabled()
+
+    def _count_examples(self, module, args):
+        if self._recording(module) and args and torch.is_tensor(args[0]) and args[0].ndim:
+            self.examples += args[0].shape[0]
+
+    def _pre_hook(self, name):
+        def hook(module, args):
+            if self._recording(module):
+                self.records.setdefault(name, []).append(Record(args[0].detach()))
+
+        return hook
+
+    def _post_hook(self, name):
+        def hook(module, args, output):
+            if not self._recording(module):
+                return
+            record = self.records[name][-1]
+            record.output = output
+            if self.capture_grads and output.requires_grad:
+
+                def store(grad, record=record):
+                    record.grad = grad
+
+                output.register_hook(store)
+
+        return hook
+
+    def clear(self) -> None:
+        """Forget everything recorded (call after the statistics are consumed)."""
+        self.records = {}
+        self.examples = 0
+
+    def remove(self) -> None:
+        """Remove every hook; the capture is unusable afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.records = {}
+        self.removed = True
+        self._active = False

@@ -1,0 +1,137 @@
+"""Per-layer-type views of a torch module as a matrix layer ``s = W̄ ā``.
+
+A handler knows how to turn a module's input into rows ``a`` (without the homogeneous 1), its
+output gradient into rows ``δ``, and its weight gradient into the matrix ``∇W`` of shape
+(d_out, d_in) whose column order matches the rows of ``a``. Register more layer types with
+:func:`register_layer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Conv2dHandler", "LayerHandler", "LinearHandler", "handler_for", "register_layer"]
+
+
+class LayerHandler:
+    """Base class: a module seen as ``s = W̄ ā`` with ``W`` reshaped to (d_out, d_in)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The trainable bias, or None (no bias, or a frozen one: then ``ā`` has no 1)."""
+        bias = self.module.bias
+        return bias if bias is not None and bias.requires_grad else None
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.weight[0].numel()
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of layer inputs, shape (R, d_in)."""
+        raise NotImplementedError
+
+    def output_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        """Rows of output gradients, shape (R, d_out), matching :meth:`input_rows`."""
+        raise NotImplementedError
+
+    def n_examples(self, x: torch.Tensor) -> int:
+        """The number of examples in a batch input (its leading axis)."""
+        return x.shape[0]
+
+    def weight_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor viewed as (d_out, d_in)."""
+        return grad.reshape(self.d_out, -1)
+
+
+class LinearHandler(LayerHandler):
+    """``nn.Linear``: extra leading axes (sequence positions) become more rows."""
+
+    def input_rows(self, x):
+        """Inputs ``(N, ..., d_in)`` as rows ``(N·…, d_in)``."""
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, grad):
+        """Output gradients ``(N, ..., d_out)`` as rows ``(N·…, d_out)``."""
+        return grad.reshape(-1, grad.shape[-1])
+
+
+class Conv2dHandler(LayerHandler):
+    """``nn.Conv2d`` with ``groups=1`` and zero padding: rows are im2col patches.
+
+    Patches come from ``F.unfold`` in the order ``(c_in, k_h, k_w)`` of
+    ``weight.reshape(c_out, -1)``, one row per example and output position.
+    """
+
+    def __init__(self, module: nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(
+                f"curvlin: Conv2d with groups={module.groups} is not supported (only 1)"
+            )
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"curvlin: Conv2d with padding_mode={module.padding_mode!r} is not supported "
+                "(only 'zeros')"
+            )
+        super().__init__(module)
+
+    def input_rows(self, x):
+        """Patches of ``(N, c_in, H, W)`` as rows ``(N·T, c_in·k_h·k_w)``, T output positions."""
+        m = self.module
+        padding = m.padding
+        if isinstance(padding, str):  # "same"/"valid": torch stores the explicit (maybe odd) pads
+            x = F.pad(x, m._reversed_padding_repeated_twice)
+            padding = 0
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def output_rows(self, grad):
+        """Output gradients ``(N, c_out, H', W')`` as rows ``(N·T, c_out)``."""
+        return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+
+
+_HANDLERS: dict[type[nn.Module], type[LayerHandler]] = {
+    nn.Linear: LinearHandler,
+    nn.Conv2d: Conv2dHandler,
+}
+
+
+def register_layer(module_type: type[nn.Module], handler: type[LayerHandler], /) -> None:
+    """Teach curvlin a new layer type (used for it and its subclasses).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from curvlin.adapters.torch import LinearHandler, handler_for, register_layer
+    >>> class MyLinear(nn.Linear):
+    ...     pass
+    >>> type(handler_for(MyLinear(2, 3))).__name__  # subclasses already match
+    'LinearHandler'
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(
+            f"register_layer: module_type must be an nn.Module class, got {module_type!r}"
+        )
+    if not (isinstance(handler, type) and issubclass(handler, LayerHandler)):
+        raise TypeError(f"register_layer: handler must be a LayerHandler subclass, got {handler!r}")
+    _HANDLERS[module_type] = handler
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler for ``module``'s most specific registered type, or None."""
+    for cls in type(module).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls](module)
+    return None

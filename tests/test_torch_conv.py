@@ -1,0 +1,81 @@
+"""Conv2d conventions of the torch adapter: im2col rows, output rows, unsupported options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _torch_models import conv_patches, one_thread
+from torch import nn
+
+from curvlin.adapters.torch import KFAC, Conv2dHandler, KFACPreconditioner, handler_for
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+CONVS = [
+    {"kernel_size": 3},
+    {"kernel_size": 3, "stride": 2, "padding": 1},
+    {"kernel_size": (2, 3), "stride": (2, 1), "padding": (0, 2), "dilation": (2, 1)},
+    {"kernel_size": 3, "padding": 2, "dilation": 2, "bias": False},
+    {"kernel_size": 3, "padding": "same"},
+    {"kernel_size": (2, 4), "padding": "same"},  # even kernels: asymmetric padding
+    {"kernel_size": (3, 2), "padding": "same", "dilation": (1, 3)},
+    {"kernel_size": (3, 2), "padding": "valid", "stride": (1, 2)},
+    {"kernel_size": 1, "stride": 3},
+]
+
+
+def _conv(kwargs, c_in=3, c_out=4):
+    torch.manual_seed(0)
+    return nn.Conv2d(c_in, c_out, **kwargs).double()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kwargs", CONVS, ids=str)
+def test_input_rows_times_reshaped_weight_is_conv_output(kwargs):
+    conv = _conv(kwargs)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    handler = handler_for(conv)
+    assert isinstance(handler, Conv2dHandler)
+    assert (handler.d_out, handler.d_in) == (4, conv.weight[0].numel())
+    rows = handler.input_rows(x)
+    out = conv(x)
+    n, c_out, h, w = out.shape
+    assert rows.shape == (n * h * w, handler.d_in)
+    lin = rows @ conv.weight.reshape(c_out, -1).T
+    if conv.bias is not None:
+        lin = lin + conv.bias
+    # rows are (example, h_out, w_out) in C order
+    torch.testing.assert_close(
+        lin.reshape(n, h, w, c_out).permute(0, 3, 1, 2), out, rtol=1e-12, atol=1e-12
+    )
+    # and they are the patches cut out independently by slicing
+    torch.testing.assert_close(rows, conv_patches(x, conv).reshape(-1, handler.d_in))
+    # output rows: the same (example, position) order, channels as columns
+    out_rows = handler.output_rows(out)
+    assert out_rows.shape == (n * h * w, c_out)
+    torch.testing.assert_close(out_rows, lin, rtol=1e-12, atol=1e-12)
+    assert handler.n_examples(x) == n
+    torch.testing.assert_close(
+        handler.weight_grad(conv.weight), conv.weight.reshape(c_out, -1), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"groups": 2}, "groups=2"),
+        ({"padding_mode": "reflect"}, "padding_mode='reflect'"),
+        ({"padding_mode": "circular"}, "padding_mode='circular'"),
+        ({"padding_mode": "replicate"}, "padding_mode='replicate'"),
+    ],
+)
+@pytest.mark.parametrize("frontend", [KFAC, KFACPreconditioner])
+def test_unsupported_conv_options_raise(kwargs, match, frontend):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, **kwargs), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(ValueError, match=match):
+        frontend(model)
