@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Tuned on this problem (see docs/kfac.md for the grid and the outcome).
+#: Tuned on this problem over 200 iterations (the grid and outcome are in docs/kfac.md).
 OPTIMIZERS = {
-    "KFAC": {"lr": 0.3, "damping": 1.0, "momentum": 0.9},
-    "Adam": {"lr": 1e-3},
-    "SGD+momentum": {"lr": 0.02, "momentum": 0.9},
+    "KFAC": {"lr": 1.0, "damping": 0.3, "momentum": 0.9, "kl_clip": 0.1},
+    "Adam": {"lr": 3e-3},
+    "SGD+momentum": {"lr": 3e-3, "momentum": 0.9},
 }
 ARCHITECTURE = (784, 400, 200, 100, 50, 25, 6)
 

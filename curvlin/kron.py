@@ -92,10 +92,12 @@ def kron_dense(factors, /) -> Array:
     Parameters
     ----------
     factors : sequence of arrays, each of shape (m_i, d_i)
+        The Kronecker factors, outermost first.
 
     Returns
     -------
     array, shape (∏ m_i, ∏ d_i)
+        The Kronecker product, in the factors' dtype and on their device.
 
     Examples
     --------
@@ -193,7 +195,17 @@ class KronFactorization:
         return tuple(m.shape[0] for m in mats)
 
     def solve(self, x: Array, /) -> Array:
-        """Apply the damped inverse to ``vec(x)``; ``x`` has shape ``(..., d_1, …, d_k)``.
+        """Apply the damped inverse to ``vec(x)``.
+
+        Parameters
+        ----------
+        x : array, shape (..., d_1, ..., d_k)
+            Right-hand sides; leading axes are a batch.
+
+        Returns
+        -------
+        array
+            The solve, shaped like ``x``. No host synchronisation.
 
         Examples
         --------
@@ -236,6 +248,7 @@ def kron_factorize(factors, /, *, damping=0.0, exact: bool = False) -> KronFacto
     Returns
     -------
     KronFactorization
+        The inverses (π damping) or eigendecompositions (exact damping), ready to solve.
 
     Raises
     ------
@@ -245,8 +258,8 @@ def kron_factorize(factors, /, *, damping=0.0, exact: bool = False) -> KronFacto
 
     Notes
     -----
-    A refresh does one host look per factor to check the factorisation (see
-    :mod:`curvlin.linalg`); solves never synchronise.
+    A refresh looks at a success flag on the host a small, fixed number of times per factor
+    (see :mod:`curvlin.linalg`); solves never synchronise.
 
     References
     ----------
@@ -318,7 +331,8 @@ def kron_solve(factors, x: Array, /, *, damping=0.0, exact: bool = False) -> Arr
 
     Returns
     -------
-    array, shaped like ``x``
+    array
+        The damped solve, shaped like ``x``, in its dtype and on its device.
 
     Raises
     ------

@@ -6,9 +6,11 @@ on a nearly singular matrix) is retried on the failing matrices only, first with
 ``1e-6·mean(diag)``; the result is cast back to the input dtype. If that also fails,
 :class:`curvlin.LinAlgError` says which matrices and why. Nothing returns NaN or inf silently.
 
-Deciding whether to retry needs one look at a success flag on the host per call. These
-functions belong on the refresh path of an optimizer (every few steps), not in its per-step
-solve, which applies cached inverses with plain matrix products.
+Deciding whether to retry needs a look at a success flag on the host: once per call of
+:func:`spd_inverse` and :func:`spd_solve`, twice for :func:`spd_inverse_root` (eigenvalues
+finite, then non-negative). These functions belong on the refresh path of an optimizer (every
+few steps), not in its per-step solve, which applies cached inverses with plain matrix
+products.
 """
 
 from __future__ import annotations

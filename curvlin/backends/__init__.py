@@ -71,7 +71,20 @@ def register_backend(factory: BackendFactory, /) -> BackendFactory:
 
 
 def unregister_backend(factory: BackendFactory, /) -> None:
-    """Remove a factory added with :func:`register_backend` (a no-op if it is absent)."""
+    """Remove a factory added with :func:`register_backend` (a no-op if it is absent).
+
+    Parameters
+    ----------
+    factory : callable
+        The factory given to :func:`register_backend`.
+
+    Examples
+    --------
+    >>> from curvlin.backends import register_backend, unregister_backend
+    >>> factory = register_backend(lambda xp: None)
+    >>> unregister_backend(factory)
+    >>> unregister_backend(factory)  # already gone: nothing happens
+    """
     if factory in _registered:
         _registered.remove(factory)
         _cache.clear()
@@ -79,6 +92,17 @@ def unregister_backend(factory: BackendFactory, /) -> None:
 
 def get_namespace(*arrays: Array):
     """The array-API namespace shared by ``arrays``; a clear TypeError if they disagree.
+
+    Parameters
+    ----------
+    *arrays : arrays
+        Arrays of one library (NumPy, torch, CuPy, array-api-strict, ...).
+
+    Returns
+    -------
+    namespace
+        The array-API-compatible namespace (``array_api_compat`` wrappers for NumPy, torch and
+        CuPy).
 
     Examples
     --------
@@ -98,6 +122,18 @@ def get_namespace(*arrays: Array):
 
 def get_backend(*arrays: Array) -> Backend:
     """The :class:`Backend` for the library that ``arrays`` belong to.
+
+    Parameters
+    ----------
+    *arrays : arrays
+        Arrays of one library.
+
+    Returns
+    -------
+    Backend
+        Registered factories are asked first, then the built-in backends, then entry points
+        of the group ``curvlin.backends``; the generic pure-standard backend is the fallback.
+        The answer is cached per namespace.
 
     Examples
     --------
@@ -152,11 +188,16 @@ def _builtin_backend(xp) -> Backend | None:
 
 
 def available_backends() -> dict[str, tuple[object, object]]:
-    """Backends usable on this machine, as ``{label: (namespace, device)}``.
+    """Return the backends usable on this machine, as ``{label: (namespace, device)}``.
 
     Imports each candidate library (so call it from tools and tests, not from the core). Labels:
     ``numpy``, ``array_api_strict``, ``torch``, ``torch-cuda``, ``cupy``; the GPU ones only where a
     GPU answers.
+
+    Returns
+    -------
+    dict
+        ``{label: (namespace, device)}`` in the order above.
 
     Examples
     --------

@@ -21,6 +21,16 @@ class Backend:
     ----------
     xp : namespace
         The array-API-compatible namespace (as returned by ``array_api_compat.array_namespace``).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from curvlin.backends import Backend
+    >>> generic = Backend(xp)
+    >>> a = xp.asarray([[4.0, 2.0], [2.0, 3.0]])
+    >>> factor, ok = generic.cholesky_ex(a)
+    >>> bool(ok), float(generic.cholesky_solve(factor, xp.asarray([[6.0], [5.0]]))[0, 0])
+    (True, 1.0)
     """
 
     #: Short name shown by ``python -m curvlin`` and in error messages.
