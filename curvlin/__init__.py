@@ -15,18 +15,40 @@ from .kron import (
     pi_damping,
 )
 from .linalg import spd_inverse, spd_inverse_root, spd_solve
+from .quasi_newton import (
+    LBFGSState,
+    bfgs_inverse_update,
+    double_damping,
+    hessian_action_update,
+    hessian_action_update_minibatch,
+    lbfgs_apply,
+    lbfgs_init,
+    lbfgs_push,
+    lm_damping,
+    powell_damping,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "KronFactorization",
+    "LBFGSState",
     "LinAlgError",
     "__version__",
+    "bfgs_inverse_update",
+    "double_damping",
+    "hessian_action_update",
+    "hessian_action_update_minibatch",
     "kron_apply",
     "kron_dense",
     "kron_factorize",
     "kron_solve",
+    "lbfgs_apply",
+    "lbfgs_init",
+    "lbfgs_push",
+    "lm_damping",
     "pi_damping",
+    "powell_damping",
     "spd_inverse",
     "spd_inverse_root",
     "spd_solve",

@@ -8,7 +8,7 @@ core block, this module only moves tensors between the model and it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 
 import torch
 from torch import nn
@@ -653,10 +653,3 @@ def _check_hyper(**values) -> None:
                 "weight_decay": ">= 0",
             }[name]
             raise ValueError(f"KFAC: {name} must be a number {want}, got {value!r}")
-
-
-def _iter_params(handlers) -> Iterator[nn.Parameter]:
-    for h in handlers:
-        yield h.weight
-        if h.bias is not None:
-            yield h.bias
