@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/index.md", "docs/kfac.md", "docs/conventions.md", "docs/backends.md"]
+PAGES = [
+    "README.md",
+    "docs/index.md",
+    "docs/kfac.md",
+    "docs/kbfgs.md",
+    "docs/conventions.md",
+    "docs/backends.md",
+]
 
 
 def _blocks(page: str) -> list[str]:

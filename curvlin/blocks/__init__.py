@@ -1,6 +1,7 @@
 """Per-layer curvature blocks: state, update, refresh and precondition, one class per method."""
 
 from ._schedule import Schedule
+from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kfac import KFACBlock, KFACState
 
-__all__ = ["KFACBlock", "KFACState", "Schedule"]
+__all__ = ["KBFGSBlock", "KBFGSLBlock", "KBFGSState", "KFACBlock", "KFACState", "Schedule"]

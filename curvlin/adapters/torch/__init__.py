@@ -1,4 +1,4 @@
-"""The torch adapter: layer capture, KFAC optimizer and preconditioner, label sampling.
+"""The torch adapter: layer capture, KFAC and K-BFGS optimizers, KFAC preconditioner, sampling.
 
 Importing this subpackage imports torch; ``import curvlin`` alone never does.
 """
@@ -6,9 +6,12 @@ Importing this subpackage imports torch; ``import curvlin`` alone never does.
 from ._capture import LayerCapture, find_layers
 from ._layers import Conv2dHandler, LayerHandler, LinearHandler, handler_for, register_layer
 from ._sampling import LOSSES, sample_output_grad
+from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
 
 __all__ = [
+    "KBFGS",
+    "KBFGSL",
     "KFAC",
     "LOSSES",
     "Conv2dHandler",

@@ -637,7 +637,7 @@ class KFACPreconditioner(_KFACFrontend):
 KFACPreconditioner.__doc__ = KFACPreconditioner.__doc__.replace("{engine_options}", _ENGINE_DOC)
 
 
-def _check_hyper(**values) -> None:
+def _check_hyper(owner: str = "KFAC", **values) -> None:
     rules = {
         "lr": lambda v: v >= 0,
         "damping": lambda v: v > 0,
@@ -652,4 +652,4 @@ def _check_hyper(**values) -> None:
                 "momentum": "in [0, 1)",
                 "weight_decay": ">= 0",
             }[name]
-            raise ValueError(f"KFAC: {name} must be a number {want}, got {value!r}")
+            raise ValueError(f"{owner}: {name} must be a number {want}, got {value!r}")

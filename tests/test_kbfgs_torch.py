@@ -1,0 +1,365 @@
+"""The torch K-BFGS / K-BFGS(L) optimizers: reference replay (T14), conv scale (T12), momentum
+reduction (T13), checkpoints, NaN skipping and argument errors.
+
+The reference of T14 is a plain-NumPy implementation of spec/kbfgs.md §2 written for this test:
+its own forward/backward of ``Linear - Tanh - Linear``, Powell and LM damping, dense BFGS, a
+two-loop L-BFGS over a list of pairs, and the Hessian-action update. It uses nothing from
+curvlin.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _torch_models import cnn, conv_patches, mlp, one_thread
+from torch import nn
+
+from curvlin.adapters.torch import KBFGS, KBFGSL
+
+LR, LAM, RHO, TAU = 0.2, 0.3, 0.9, 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+# -- the NumPy reference of §2 ------------------------------------------------------------
+
+
+def _bfgs(h, s, y, threshold):
+    sty = s @ y
+    if not (sty > 0 and sty > threshold * (s @ s)):
+        return h
+    rho = 1.0 / sty
+    v = np.eye(len(s)) - rho * np.outer(s, y)
+    return v @ h @ v.T + rho * np.outer(s, s)
+
+
+def _two_loop(pairs, v):
+    q, alphas = v.copy(), []
+    for s, y in reversed(pairs):
+        a = (s @ q) / (s @ y)
+        alphas.append(a)
+        q = q - a * y
+    r = q
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        b = (y @ r) / (s @ y)
+        r = r + s * (a - b)
+    return r
+
+
+def _double_damp(s, y, hy, mu2):
+    sty, yhy = s @ y, y @ hy
+    if sty < 0.2 * yhy:
+        theta = 0.8 * yhy / (yhy - sty)
+        s = theta * s + (1 - theta) * hy
+    sty, sts = s @ y, s @ s
+    if sty < mu2 * sts:
+        theta = (1 - mu2) * sts / (sts - sty)
+        y = theta * y + (1 - theta) * s
+    return s, y
+
+
+def _forward(ws, x, t):
+    """Per layer (x̄, h, per-example g) and the weight gradients of ½‖out − t‖² (batch mean)."""
+    m = x.shape[0]
+    xb1 = np.hstack([x, np.ones((m, 1))])
+    h1 = xb1 @ ws[0].T
+    a1 = np.tanh(h1)
+    xb2 = np.hstack([a1, np.ones((m, 1))])
+    h2 = xb2 @ ws[1].T
+    g2 = h2 - t
+    g1 = (g2 @ ws[1][:, :-1]) * (1 - a1**2)
+    layers = [(xb1, h1, g1), (xb2, h2, g2)]
+    return layers, [g.T @ xb / m for xb, _, g in layers]
+
+
+def _reference(ws, batches, *, limited, minibatch_a, memory=3):
+    ws = [w.copy() for w in ws]
+    lam_a = mu2 = math.sqrt(LAM)
+    n = len(ws)
+    mom = [np.zeros_like(w) for w in ws]
+    a = [None] * n
+    h_a = [None] * n
+    h_g = [np.eye(w.shape[0]) for w in ws]
+    pairs = [[] for _ in ws]
+    s_bar = [np.zeros(w.shape[0]) for w in ws]
+    y_bar = [np.zeros(w.shape[0]) for w in ws]
+    for k, (x, t) in enumerate(batches):
+        m = x.shape[0]
+        layers, grads = _forward(ws, x, t)
+        for i, (xb, _, _) in enumerate(layers):
+            mom[i] = RHO * mom[i] + (1 - RHO) * (grads[i] + TAU * ws[i])
+            a_batch = xb.T @ xb / m
+            if k == 0:
+                a[i] = a_batch
+                h_a[i] = np.linalg.inv(a_batch + lam_a * np.eye(len(a_batch)))
+            else:
+                a[i] = 0.9 * a[i] + 0.1 * a_batch
+        for i in range(n):
+            left = (
+                np.stack([_two_loop(pairs[i], c) for c in mom[i].T], 1)
+                if limited
+                else h_g[i] @ mom[i]
+            )
+            ws[i] = ws[i] - LR * left @ h_a[i]
+        plus, _ = _forward(ws, x, t)
+        for i, ((xb, h, g), (_, hp, gp)) in enumerate(zip(layers, plus)):
+            s_bar[i] = 0.9 * s_bar[i] + 0.1 * (h - hp).mean(0)
+            y_bar[i] = 0.9 * y_bar[i] + 0.1 * (g - gp).mean(0)
+            hy = _two_loop(pairs[i], y_bar[i]) if limited else h_g[i] @ y_bar[i]
+            s_d, y_d = _double_damp(s_bar[i], y_bar[i], hy, mu2)
+            threshold = 1e-4 * np.linalg.norm(g.mean(0))
+            if limited:
+                if s_d @ y_d > 0 and s_d @ y_d > threshold * (s_d @ s_d):
+                    pairs[i] = (pairs[i] + [(s_d, y_d)])[-memory:]
+            else:
+                h_g[i] = _bfgs(h_g[i], s_d, y_d, threshold)
+            u = xb.mean(0)
+            s_a = h_a[i] @ u
+            if minibatch_a:
+                y_a = xb.T @ (xb @ s_a) / m + lam_a * s_a
+            else:
+                y_a = (a[i] + lam_a * np.eye(len(u))) @ s_a
+            h_a[i] = _bfgs(h_a[i], s_a, y_a, 1e-4 * np.linalg.norm(u))
+    if limited:
+        h_g = [np.stack([_two_loop(p, c) for c in np.eye(len(hg))], 1) for p, hg in zip(pairs, h_g)]
+    return ws, h_a, h_g
+
+
+def _closure(opt, model, x, t):
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - t) ** 2).sum(dim=1).mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _batches(steps=5, m=16):
+    gen = torch.Generator().manual_seed(3)
+    return [
+        (
+            torch.randn(m, 3, generator=gen, dtype=torch.float64),
+            torch.randn(m, 4, generator=gen, dtype=torch.float64),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _weights(model):
+    return [
+        torch.cat([lin.weight, lin.bias[:, None]], 1).detach().numpy().copy()
+        for lin in (model[0], model[2])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "limited", "minibatch_a"),
+    [
+        (KBFGS, {}, False, False),
+        (KBFGS, {"a_update": "minibatch"}, False, True),
+        (KBFGSL, {"memory": 3}, True, True),
+        (KBFGSL, {"memory": 3, "a_update": "ema"}, True, False),
+    ],
+    ids=["kbfgs", "kbfgs-minibatch", "kbfgsl", "kbfgsl-ema"],
+)
+def test_reference_replay(cls, kwargs, limited, minibatch_a):
+    """T14: 5 float64 steps of a 2-layer MLP match the NumPy reference (θ, H_a, H_g)."""
+    model = mlp()
+    ws0 = _weights(model)
+    opt = cls(model, lr=LR, damping=LAM, momentum=RHO, weight_decay=TAU, **kwargs)
+    batches = _batches()
+    for x, t in batches:
+        opt.step(_closure(opt, model, x, t))
+    ref_ws, ref_ha, ref_hg = _reference(
+        ws0, [(x.numpy(), t.numpy()) for x, t in batches], limited=limited, minibatch_a=minibatch_a
+    )
+    for i, name in enumerate(["0", "2"]):
+        np.testing.assert_allclose(_weights(model)[i], ref_ws[i], rtol=1e-9, atol=1e-12)
+        state = opt.curvature(name)
+        np.testing.assert_allclose(state.h_a.numpy(), ref_ha[i], rtol=1e-9, atol=1e-12)
+        if limited:
+            assert state.h_g.valid.any()
+            from curvlin.quasi_newton import lbfgs_apply
+
+            h_g = lbfgs_apply(state.h_g, torch.eye(state.h_g.dim, dtype=torch.float64)).numpy()
+        else:
+            h_g = state.h_g.numpy()
+        if name == "0":  # pairs were accepted (the output layer of ½‖·‖² has G = I exactly)
+            assert not np.allclose(h_g, np.eye(len(h_g)))
+        np.testing.assert_allclose(h_g, ref_hg[i], rtol=1e-8, atol=1e-11)
+
+
+def test_identity_factors_give_ema_momentum_sgd():
+    """T13 in the optimizer: with ``H_g = H_a = I`` frozen, K-BFGS is SGD with EMA momentum
+    ``M ← ρM + (1 − ρ)∇``, i.e. torch's SGD with momentum ρ and lr ``α(1 − ρ)``."""
+    model, twin = mlp(), mlp()
+    opt = KBFGS(model, lr=LR, damping=LAM, momentum=RHO, curvature_every=10**6)
+    sgd = torch.optim.SGD(twin.parameters(), lr=LR * (1 - RHO), momentum=RHO)
+    # Step 0 warm-starts H_a from the batch; make the next steps use identity factors.
+    (x, t), *rest = _batches()
+    opt.step(_closure(opt, model, x, t))
+    for name in opt.layer_names:
+        slot = opt.state[opt.layers[name].weight]
+        slot["kbfgs_h_a"] = torch.eye(slot["kbfgs_h_a"].shape[0], dtype=torch.float64)
+        slot["kbfgs_h_g"] = torch.eye(slot["kbfgs_h_g"].shape[0], dtype=torch.float64)
+    twin.load_state_dict(model.state_dict())
+    for p, q in zip(model.parameters(), twin.parameters()):  # the same momentum buffers
+        sgd.state[q]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone() / (1 - RHO)
+    for x, t in rest:
+        opt.step(_closure(opt, model, x, t))
+        _closure(sgd, twin, x, t)()
+        sgd.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+def test_conv_uses_spatial_sum_and_additive_damping():
+    """T12 end to end: a Conv2d's warm-started ``H_a`` inverts ``(1/m)ΣΣ x̄x̄ᵀ + √λ I`` built
+    from independently sliced patches; convolutions default to DD-v2."""
+    model = cnn(stride=2, padding=1, dilation=1)
+    conv = model[0]
+    x = torch.randn(4, 2, 7, 6, dtype=torch.float64)
+    t = torch.randn(4, 4, dtype=torch.float64)
+    opt = KBFGS(model, lr=0.1, damping=LAM)
+    assert opt.blocks["0"].variant == "additive"
+    assert opt.blocks["3"].variant == "convex"
+    patches = conv_patches(x, conv).reshape(-1, conv.weight[0].numel())
+    xb = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], 1)
+    u = xb.mean(0)
+    assert u[-1] == 1.0
+    a_sum = xb.T @ xb / 4
+    opt.step(_closure(opt, model, x, t))
+    expected = torch.linalg.inv(a_sum + math.sqrt(LAM) * torch.eye(len(a_sum), dtype=torch.float64))
+    torch.testing.assert_close(opt.curvature("0").a, a_sum)
+    # After the Hessian-action update from the warm start (a fixed point), H_a is still the inverse.
+    torch.testing.assert_close(opt.curvature("0").h_a, expected, rtol=1e-8, atol=1e-10)
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, t))
+    assert torch.isfinite(opt.curvature("0").h_g).all()
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_checkpoint_resume_bit_exact(cls):
+    batches = _batches(steps=6)
+    model = mlp()
+    opt = cls(model, lr=LR, damping=LAM, weight_decay=TAU)
+    for x, t in batches[:3]:
+        opt.step(_closure(opt, model, x, t))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    for x, t in batches[3:]:
+        opt.step(_closure(opt, model, x, t))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model2 = mlp(seed=1)
+    model2.load_state_dict(saved["model"])
+    opt2 = cls(model2, lr=LR, damping=LAM, weight_decay=TAU)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.step_count == 3
+    for x, t in batches[3:]:
+        opt2.step(_closure(opt2, model2, x, t))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for name in opt.layer_names:
+        a, b = opt.curvature(name).arrays(), opt2.curvature(name).arrays()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_nan_step_skipped_state_intact(cls):
+    model = mlp()
+    opt = cls(model, lr=LR, damping=LAM)
+    (x, t), (x2, t2) = _batches(steps=2)
+    opt.step(_closure(opt, model, x, t))
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = copy.deepcopy(opt.state_dict())
+    bad = x2.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(_closure(opt, model, bad, t2))
+    assert opt.skipped_steps == 1
+    assert opt.step_count == 1
+    for p, q in zip(model.parameters(), before_params):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    for i, slot in before_state["state"].items():
+        for key, value in slot.items():
+            other = after["state"][i][key]
+            assert torch.equal(other, value) if torch.is_tensor(value) else other == value, key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(_closure(opt, model, x2, t2))  # and training goes on
+    assert opt.step_count == 2
+
+
+def test_closure_required():
+    opt = KBFGS(mlp())
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+
+
+def test_unsupported_parameters():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="outside supported layers"):
+        KBFGSL(model)
+    opt = KBFGSL(model, lr=0.1, unsupported="sgd")
+    assert len(opt.param_groups) == 2
+    x, t = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    ln_before = model[1].weight.detach().clone()
+    opt.step(_closure(opt, model, x, t))
+    assert not torch.equal(model[1].weight, ln_before)
+
+
+def test_curvature_every_calls_closure_once_in_between():
+    model = mlp()
+    opt = KBFGS(model, lr=LR, curvature_every=3)
+    x, t = _batches(steps=1)[0]
+    inner = _closure(opt, model, x, t)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return inner()
+
+    for _ in range(4):
+        opt.step(closure)
+    assert len(calls) == 2 + 1 + 1 + 2  # steps 0 and 3 have the second pass
+    assert opt.curvature("0").g_updates == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"damping": 0.0}, "damping"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"curvature_every": 0}, "curvature_every"),
+        ({"variant": "v3"}, "variant"),
+    ],
+)
+def test_hyperparameter_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KBFGS(mlp(), **kwargs)
+
+
+def test_lr_scheduler_works():
+    model = mlp()
+    opt = KBFGSL(model, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, t = _batches(steps=1)[0]
+    opt.step(_closure(opt, model, x, t))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
