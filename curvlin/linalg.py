@@ -80,8 +80,7 @@ def _inverse(backend: Backend, m: Array, damping, func: str, name: str) -> Array
     """:func:`spd_inverse` after validation; ``func`` and ``name`` label its errors."""
     work = _damped(backend, _working_copy(backend, m), damping)
     factor = _cholesky(backend, work, func, name)
-    inv = backend.cholesky_inverse(factor)
-    return backend.xp.astype(_symmetrize(backend, inv), m.dtype)
+    return backend.xp.astype(backend.cholesky_inverse(factor), m.dtype, copy=False)
 
 
 def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
@@ -136,7 +135,7 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
     factor = _cholesky(backend, work, "spd_solve", "m")
     factor = xp.broadcast_to(factor, (*batch, n, n))
     rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), (*batch, n, rhs.shape[-1]))
-    x = xp.astype(backend.cholesky_solve(factor, rhs), b.dtype)
+    x = xp.astype(backend.cholesky_solve(factor, rhs), b.dtype, copy=False)
     return x[..., 0] if vector else x
 
 
@@ -188,7 +187,7 @@ def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
     evals, evecs, tol = _eigh_checked(backend, work, "spd_inverse_root", "m")
     evals = xp.maximum(evals, tol)
     root = (evecs * (evals ** (-1.0 / float(p)))[..., None, :]) @ xp.matrix_transpose(evecs)
-    return xp.astype(_symmetrize(backend, root), m.dtype)
+    return xp.astype(_symmetrize(backend, root), m.dtype, copy=False)
 
 
 # -- shared pieces ------------------------------------------------------------------------

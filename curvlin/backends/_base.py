@@ -86,12 +86,13 @@ class Backend:
         return self.solve_triangular(self.xp.linalg.matrix_transpose(factor), y, lower=False)
 
     def cholesky_inverse(self, factor: Array, /) -> Array:
-        """``(L Lᵀ)⁻¹`` from the lower Cholesky factor ``L``."""
+        """``(L Lᵀ)⁻¹`` from the lower Cholesky factor ``L``, exactly symmetric."""
         xp = self.xp
         n = factor.shape[-1]
         eye = xp.eye(n, dtype=factor.dtype, device=_device(factor))
         linv = self.solve_triangular(factor, xp.broadcast_to(eye, factor.shape), lower=True)
-        return xp.linalg.matrix_transpose(linv) @ linv
+        inv = xp.linalg.matrix_transpose(linv) @ linv
+        return 0.5 * (inv + xp.linalg.matrix_transpose(inv))  # GEMM rounding is not symmetric
 
     # -- contractions -------------------------------------------------------------------
     def einsum(self, subscripts: str, /, *operands: Array) -> Array:

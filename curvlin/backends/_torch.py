@@ -18,8 +18,9 @@ class TorchBackend(Backend):
 
     def cholesky_ex(self, a):
         factor, info = self._torch.linalg.cholesky_ex(a)
-        ok = (info == 0) & self._torch.isfinite(factor).all(dim=(-2, -1))
-        return factor, ok
+        # A NaN or inf anywhere in the lower triangle reaches the diagonal of its row.
+        diag = factor.diagonal(dim1=-2, dim2=-1)
+        return factor, (info == 0) & self._torch.isfinite(diag).all(dim=-1)
 
     def solve_triangular(self, t, b, /, *, lower):
         return self._torch.linalg.solve_triangular(t, b, upper=not lower)
@@ -28,7 +29,7 @@ class TorchBackend(Backend):
         return self._torch.cholesky_solve(b, factor)
 
     def cholesky_inverse(self, factor, /):
-        return self._torch.cholesky_inverse(factor)
+        return self._torch.cholesky_inverse(factor)  # LAPACK potri: exactly symmetric
 
     def einsum(self, subscripts, /, *operands):
         return self._torch.einsum(subscripts, *operands)

@@ -194,7 +194,8 @@ class KFACBlock:
     def fold(self, state: KFACState, g_new: Array, a_new: Array, /) -> KFACState:
         """EMA of the factors with one batch's ``(G, A)``; the first batch is taken as is."""
         xp = get_backend(g_new).xp
-        g_new, a_new = xp.astype(g_new, state.g.dtype), xp.astype(a_new, state.a.dtype)
+        g_new = xp.astype(g_new, state.g.dtype, copy=False)
+        a_new = xp.astype(a_new, state.a.dtype, copy=False)
         if state.updates == 0:  # a host-side counter: no synchronisation
             return replace(state, g=g_new, a=a_new, updates=1)
         eps = self.decay
@@ -238,10 +239,10 @@ class KFACBlock:
             raise ValueError(f"KFACBlock.precondition: grad_b must be {want}, got {got}")
         xp = get_backend(grad_w).xp
         work = state.g.dtype
-        mat = xp.astype(grad_w, work)
+        mat = xp.astype(grad_w, work, copy=False)
         if self.bias:
-            mat = xp.concat([mat, xp.astype(grad_b, work)[:, None]], axis=1)
-        direction = xp.astype(_solve(state.inverse, mat), grad_w.dtype)
+            mat = xp.concat([mat, xp.astype(grad_b, work, copy=False)[:, None]], axis=1)
+        direction = xp.astype(_solve(state.inverse, mat), grad_w.dtype, copy=False)
         if self.bias:
             return direction[:, : self.d_in], direction[:, self.d_in]
         return direction, None

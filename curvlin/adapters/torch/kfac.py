@@ -180,9 +180,13 @@ def _default_factor_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _all_finite(tensors) -> bool:
-    """One host synchronisation for the whole step's finiteness check."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
+    """One host synchronisation for the whole step's finiteness check.
+
+    A sum per tensor is one reduction kernel with no boolean temporaries; NaN or inf in any
+    entry makes it non-finite (so does a finite overflow, which deserves a skip as well).
+    """
+    sums = [t.sum() for t in tensors]
+    return bool(torch.stack(sums).isfinite().all()) if sums else True
 
 
 _ENGINE_DOC = """
@@ -405,7 +409,8 @@ class KFAC(_KFACFrontend, torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         checked = [p.grad for p in params]
         if stats is not None:
-            checked += [t for pair in stats.values() for t in pair]
+            # Gram matrices: a NaN or inf row of a or g reaches the diagonal.
+            checked += [f.diagonal() for pair in stats.values() for f in pair]
         if not _all_finite(checked):
             self.skipped_steps += 1
             warnings.warn(
@@ -581,7 +586,7 @@ class KFACPreconditioner(_KFACFrontend):
             if p is not None and p.grad is not None
         ]
         if stats is not None:
-            grads += [t for pair in stats.values() for t in pair]
+            grads += [f.diagonal() for pair in stats.values() for f in pair]
         if not _all_finite(grads):
             warnings.warn(
                 f"KFACPreconditioner: step {engine.step_count} skipped, its gradients or "
