@@ -41,6 +41,20 @@ def one_thread():
 # -- models ---------------------------------------------------------------------------------
 
 
+def curves_autoencoder(seed: int = 0) -> nn.Sequential:
+    """The 144-64-16-64-144 Tanh autoencoder of the training tests (12×12 CURVES images)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(144, 64),
+        nn.Tanh(),
+        nn.Linear(64, 16),
+        nn.Tanh(),
+        nn.Linear(16, 64),
+        nn.Tanh(),
+        nn.Linear(64, 144),
+    )
+
+
 def mlp(*, bias: bool = True, d_in: int = 3, hidden: int = 5, d_out: int = 4, seed: int = 0):
     """``Linear - Tanh - Linear`` in float64."""
     torch.manual_seed(seed)

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _torch_models import one_thread
-from torch import nn
+from _torch_models import curves_autoencoder, one_thread
 from torch.nn import functional as F
 
 from curvlin.adapters.torch import KBFGS, KBFGSL
@@ -47,22 +46,9 @@ def images():
     return torch.from_numpy(make_curves(2000, image_size=12, seed=0))
 
 
-def _autoencoder(seed: int = 0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(144, 64),
-        nn.Tanh(),
-        nn.Linear(64, 16),
-        nn.Tanh(),
-        nn.Linear(16, 64),
-        nn.Tanh(),
-        nn.Linear(64, 144),
-    )
-
-
 def _train(images, make_opt, iters: int, *, every: int = 10):
     """First iteration (multiple of ``every``) with full loss <= TARGET (or None), losses."""
-    model = _autoencoder()
+    model = curves_autoencoder()
     opt = make_opt(model)
     gen = torch.Generator().manual_seed(1)
     n = images.shape[0]

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _torch_models import one_thread
-from torch import nn
+from _torch_models import curves_autoencoder, one_thread
 from torch.nn import functional as F
 
 from curvlin.adapters.torch import KFAC
@@ -48,23 +47,10 @@ def images():
     return torch.from_numpy(make_curves(2000, image_size=12, seed=0))
 
 
-def _autoencoder(seed: int = 0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(144, 64),
-        nn.Tanh(),
-        nn.Linear(64, 16),
-        nn.Tanh(),
-        nn.Linear(16, 64),
-        nn.Tanh(),
-        nn.Linear(64, 144),
-    )
-
-
 def _train(images, make_opt, iters: int, *, mc: bool = False, every: int = 10):
     """Train; return the first iteration (a multiple of ``every``) at which the full training
     loss is ``<= TARGET`` (None if never) and the list of losses seen."""
-    model = _autoencoder()
+    model = curves_autoencoder()
     opt = make_opt(model)
     gen = torch.Generator().manual_seed(1)
     n = images.shape[0]
