@@ -197,7 +197,7 @@ def plot(runs: list[Run], path: str) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("CURVES autoencoder (generated data): KFAC vs first-order methods")
+    fig.suptitle("CURVES autoencoder (generated data): second-order vs first-order optimizers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
