@@ -299,7 +299,8 @@ def _eigen_factorization(backend: Backend, factors: list[Array], damping) -> Kro
     lam, vecs = None, []
     for i, f in enumerate(factors):
         evals, evecs, _ = _eigh_checked(backend, f, "kron_factorize", f"factors[{i}]")
-        evals, evecs = xp.astype(evals, f.dtype), xp.astype(evecs, f.dtype)
+        evals = xp.astype(evals, f.dtype, copy=False)
+        evecs = xp.astype(evecs, f.dtype, copy=False)
         vecs.append(evecs)
         shape = tuple(-1 if j == i else 1 for j in range(k))
         term = xp.reshape(evals, shape)

@@ -277,7 +277,7 @@ def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Arr
     """
     xp = backend.xp
     for dtype in dict.fromkeys((m.dtype, xp.float64)):  # retry in float64 if eigh fails
-        work = xp.astype(m, dtype)
+        work = xp.astype(m, dtype, copy=False)
         try:
             evals, evecs = xp.linalg.eigh(work)
         except Exception:  # e.g. LAPACK's "did not converge"; the checks below explain it
