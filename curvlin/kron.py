@@ -164,7 +164,8 @@ def _pi_damping(backend: Backend, factors: list[Array], damping) -> tuple[Array,
     safe = xp.where(usable, traces, xp.ones_like(traces))
     pis = safe / xp.exp(xp.mean(xp.log(safe)))
     total = damping ** (1.0 / k)
-    return tuple(total * pis[i] for i in range(k))
+    # Slicing then reshaping keeps 0-d arrays (NumPy would turn scalar results into np.float64).
+    return tuple(xp.reshape(total * pis[i : i + 1], ()) for i in range(k))
 
 
 @dataclass(frozen=True)

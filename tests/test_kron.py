@@ -178,6 +178,13 @@ def test_pi_damping_float32(xp, to_xp, to_np, rng):
     np.testing.assert_allclose(values, reference_pi_dampings(mats, 1e-3), rtol=1e-5)
 
 
+def test_pi_damping_returns_0d_arrays_of_the_input_library(xp, to_xp, rng):
+    gammas = pi_damping([to_xp(random_spd(rng, 3)), to_xp(random_spd(rng, 2))], 1e-2)
+    for g in gammas:
+        assert type(g) is type(to_xp(np.zeros(())))
+        assert tuple(g.shape) == ()
+
+
 def test_pi_damping_zero_damping_gives_zeros(xp, to_xp, to_np, rng):
     gammas = pi_damping([to_xp(random_spd(rng, 3)), to_xp(random_spd(rng, 2))], 0.0)
     assert [float(to_np(g)) for g in gammas] == [0.0, 0.0]
