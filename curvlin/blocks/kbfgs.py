@@ -172,8 +172,9 @@ class KBFGSBlock:
         :func:`curvlin.lm_damping`). Prefer ``"additive"`` when ``√λ >= 1``.
     skip_threshold : float
         ``c`` of the skip rule ``s̃ᵀỹ <= c·‖ḡ‖·s̃ᵀs̃`` for ``H_g`` (and ``c·‖u‖`` for ``H_a``).
-    lbfgs_method : {"two-loop", "compact"}
-        How the L-BFGS operator is applied (see :func:`curvlin.lbfgs_apply`).
+    lbfgs_method : {"compact", "two-loop"}
+        How the L-BFGS operator is applied (see :func:`curvlin.lbfgs_apply`); the compact
+        form (default) is a few matrix products, the two-loop recursion ``2p`` small steps.
 
     Notes
     -----
@@ -217,7 +218,7 @@ class KBFGSBlock:
     mu1: float = 0.2
     variant: str = "convex"
     skip_threshold: float = 1e-4
-    lbfgs_method: str = "two-loop"
+    lbfgs_method: str = "compact"
 
     def __post_init__(self):
         name = type(self).__name__
