@@ -17,7 +17,7 @@ from torch import nn
 from ...blocks import KBFGSBlock, KBFGSState
 from ._capture import LayerCapture, find_layers
 from ._layers import Conv2dHandler
-from .kfac import _all_finite, _cat, _check_hyper, _default_factor_dtype
+from .kfac import _all_finite, _cat, _check_hyper, _default_factor_dtype, load_keeping_dtypes
 
 __all__ = ["KBFGS", "KBFGSL"]
 
@@ -264,22 +264,7 @@ class _KBFGSBase(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Restore a :meth:`state_dict`; curvature buffers keep their own dtype."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("curvlin", None)
-        if extra is None:
-            raise ValueError(
-                f"{self._name}.load_state_dict: not a {self._name} state_dict (no 'curvlin' entry)"
-            )
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved = {
-            i: {k: v for k, v in slot.items() if k.startswith(_PREFIX)}
-            for i, slot in state_dict["state"].items()
-        }
-        super().load_state_dict(state_dict)
-        for i, arrays in saved.items():
-            p = params[int(i)]
-            for k, v in arrays.items():
-                self.state[p][k] = v.to(p.device) if torch.is_tensor(v) else v
+        extra = load_keeping_dtypes(self, state_dict, prefix=_PREFIX, owner=self._name)
         self.step_count = int(extra["step_count"])
         self.skipped_steps = int(extra["skipped_steps"])
 

@@ -171,6 +171,30 @@ class _KFACEngine:
         self.arm()
 
 
+def load_keeping_dtypes(opt: torch.optim.Optimizer, state_dict, *, prefix: str, owner: str):
+    """``torch.optim.Optimizer.load_state_dict`` that keeps curvature buffers' own dtype.
+
+    Torch casts every floating state tensor to its parameter's dtype; buffers whose key starts
+    with ``prefix`` (factors, inverses) are put back as saved, on the parameter's device.
+    Returns the ``"curvlin"`` entry (counters, generator state) for the caller to restore.
+    """
+    state_dict = dict(state_dict)
+    extra = state_dict.pop("curvlin", None)
+    if extra is None:
+        raise ValueError(f"{owner}.load_state_dict: not a {owner} state_dict (no 'curvlin' entry)")
+    params = [p for group in opt.param_groups for p in group["params"]]
+    saved = {
+        i: {k: v for k, v in slot.items() if k.startswith(prefix)}
+        for i, slot in state_dict["state"].items()
+    }
+    torch.optim.Optimizer.load_state_dict(opt, state_dict)
+    for i, buffers in saved.items():
+        p = params[int(i)]
+        for k, v in buffers.items():
+            opt.state[p][k] = v.to(p.device) if torch.is_tensor(v) else v
+    return extra
+
+
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -486,20 +510,7 @@ class KFAC(_KFACFrontend, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Restore a :meth:`state_dict`; factors keep their own dtype (torch would cast them)."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("curvlin", None)
-        if extra is None:
-            raise ValueError("KFAC.load_state_dict: not a KFAC state_dict (no 'curvlin' entry)")
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved = {
-            i: {k: v for k, v in slot.items() if k.startswith(_PREFIX)}
-            for i, slot in state_dict["state"].items()
-        }
-        super().load_state_dict(state_dict)
-        for i, arrays in saved.items():
-            p = params[int(i)]
-            for k, v in arrays.items():
-                self.state[p][k] = v.to(p.device) if torch.is_tensor(v) else v
+        extra = load_keeping_dtypes(self, state_dict, prefix=_PREFIX, owner="KFAC")
         self._engine.step_count = int(extra["step_count"])
         self._engine.generator.set_state(extra["generator"])
         self.skipped_steps = int(extra["skipped_steps"])
