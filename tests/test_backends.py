@@ -297,6 +297,26 @@ def test_cholesky_solve_and_inverse(xp, to_xp, impl, rng, batch, k, dtype):
     assert_close(inv, np.linalg.inv(a), rtol=rtol, what="cholesky_inverse")
 
 
+@pytest.mark.parametrize("shape", [(40, 7), (3, 9), (1, 1)], ids=["tall", "wide", "scalar"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gram_is_scaled_symmetric_xtx(xp, to_xp, to_np, impl, rng, shape, dtype):
+    x = rng.standard_normal(shape)
+    xx = to_xp(x, dtype)
+    out = impl(xx).gram(xx, scale=0.25)
+    assert out.dtype == getattr(xp, dtype)
+    assert tuple(out.shape) == (shape[1], shape[1])
+    host = to_np(out)
+    np.testing.assert_array_equal(host, host.T)  # Kronecker factors stay exactly symmetric
+    rtol = {"float64": 1e-12, "float32": 1e-5}[dtype]
+    assert_close(out, 0.25 * (x.T @ x), rtol=rtol, what="gram")
+
+
+def test_gram_of_non_contiguous_views(rng):
+    x = rng.standard_normal((30, 8))
+    for view in (x[:, ::2], x.T.copy().T, x[::3]):
+        np.testing.assert_allclose(get_backend(view).gram(view, scale=2.0), 2.0 * view.T @ view)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cholesky_ex_flags_the_bad_matrices(xp, to_xp, to_np, impl, rng, dtype):
     a = random_spd(rng, 4, (2, 3), cond=10.0)

@@ -95,6 +95,16 @@ class Backend:
         return 0.5 * (inv + xp.linalg.matrix_transpose(inv))  # GEMM rounding is not symmetric
 
     # -- contractions -------------------------------------------------------------------
+    def gram(self, x: Array, /, *, scale: float = 1.0) -> Array:
+        """``scale · xᵀx`` for a matrix ``x`` of shape (rows, n): an (n, n) Gram matrix.
+
+        The result is exactly symmetric. Native CPU backends compute one triangle with the
+        BLAS symmetric rank-k update (``syrk``), half the flops of a general product.
+        """
+        xp = self.xp
+        product = xp.matrix_transpose(x) @ x
+        return scale * 0.5 * (product + xp.matrix_transpose(product))
+
     def einsum(self, subscripts: str, /, *operands: Array) -> Array:
         """Einstein summation over explicit subscripts (``"ij,jk->ik"``; no ellipsis).
 

@@ -315,12 +315,13 @@ class KBFGSBlock:
         """
         lam_a = _sqrt_damping(damping, type(self).__name__)
         n = _check_examples(n_examples, type(self).__name__)
-        xp = get_backend(state.h_a).xp
+        backend = get_backend(state.h_a)
+        xp = backend.xp
         first = state.a_updates == 0  # a host counter
         if self.a_update == "minibatch" and not first:
             return replace(state, a_updates=state.a_updates + 1)
         xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
-        a_batch = (xp.matrix_transpose(xb) @ xb) / float(n)
+        a_batch = backend.gram(xb, scale=1.0 / n)
         if first:
             h_a = spd_inverse(a_batch, damping=lam_a)
             a = a_batch if self.a_update == "ema" else None

@@ -182,9 +182,7 @@ class KFACBlock:
 
             ones = xp.ones((rows, 1), dtype=a.dtype, device=device(a))
             a = xp.concat([a, ones], axis=1)
-        a_factor = (xp.matrix_transpose(a) @ a) / rows
-        g_factor = (xp.matrix_transpose(g) @ g) / n_examples
-        return g_factor, a_factor
+        return backend.gram(g, scale=1.0 / n_examples), backend.gram(a, scale=1.0 / rows)
 
     def update(self, state: KFACState, a: Array, g: Array, /, *, n_examples: int) -> KFACState:
         """Fold one batch's statistics into the factors' EMA (see :meth:`statistics`)."""
