@@ -198,6 +198,7 @@ def double_damping(
     mu2,
     variant: str = "convex",
     gamma=1.0,
+    lbfgs_method: str = "two-loop",
 ) -> tuple[Array, Array]:
     """Double damping of a pair: Powell on ``H`` (:func:`powell_damping`), then LM on ``y``.
 
@@ -211,7 +212,7 @@ def double_damping(
     h : array of shape (d, d), or LBFGSState
         The current inverse approximation ``H``, before it is updated with this pair: a dense
         symmetric positive definite matrix, or an L-BFGS memory (then ``Hy`` is
-        ``lbfgs_apply(h, y, gamma=gamma)``).
+        ``lbfgs_apply(h, y, gamma=gamma, method=lbfgs_method)``).
     mu1 : float, optional
         Powell threshold, ``0 < mu1 < 1``.
     mu2 : float or 0-d array
@@ -220,6 +221,10 @@ def double_damping(
         The LM rule (DD-v1 or DD-v2), see :func:`lm_damping`.
     gamma : float or 0-d array, optional
         The L-BFGS initial matrix ``gamma·I``; used only when ``h`` is an :class:`LBFGSState`.
+    lbfgs_method : {"two-loop", "compact"}, optional
+        How ``Hy`` is computed when ``h`` is an :class:`LBFGSState` (see :func:`lbfgs_apply`):
+        the compact form is a handful of matrix products instead of ``2p`` small ones, faster
+        on torch and on GPUs.
 
     Returns
     -------
@@ -261,11 +266,14 @@ def double_damping(
     mu1 = _check_mu1(mu1, func)
     mu2 = _check_scalar(mu2, "mu2", func, like=s, strict=True)
     _check_variant(variant, func)
+    if lbfgs_method not in _METHODS:
+        raise ValueError(f"{func}: lbfgs_method must be one of {_METHODS}, got {lbfgs_method!r}")
     xp = backend.xp
     s_clean, _ = _finite_part(xp, s)
     y_clean, _ = _finite_part(xp, y)
     if isinstance(h, LBFGSState):
-        hy = xp.reshape(_two_loop(xp, h, xp.reshape(y_clean, (-1, 1)), gamma), (-1,))
+        column = xp.reshape(y_clean, (-1, 1))
+        hy = xp.reshape(_lbfgs_columns(backend, h, column, gamma, lbfgs_method), (-1,))
     else:
         hy = h @ y_clean
     s_damped = _powell(backend, s, y, hy, mu1)
@@ -317,7 +325,8 @@ def bfgs_inverse_update(h: Array, s: Array, y: Array, /, *, min_curvature=0.0) -
     """BFGS update of an inverse-Hessian approximation, skipping unsafe pairs.
 
     ``H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`` with ``ρ = 1/(sᵀy)``, computed as the rank-2
-    form ``H + (ρ² yᵀHy + ρ) s sᵀ − ρ (s (Hy)ᵀ + (Hy) sᵀ)`` and symmetrised. It satisfies the
+    form ``H + (ρ² yᵀHy + ρ) s sᵀ − ρ (s (Hy)ᵀ + (Hy) sᵀ)``, whose rank-2 term is exactly
+    symmetric in floating point, so ``H⁺`` is exactly symmetric when ``H`` is. It satisfies the
     secant equation ``H⁺y = s`` and stays positive definite when ``H`` is and ``sᵀy > 0``.
 
     The pair is skipped, and ``h`` returned bit-identical, when ``sᵀy <= 0``, when
@@ -391,10 +400,12 @@ def _bfgs(backend: Backend, h: Array, s: Array, y: Array, min_curvature) -> Arra
     rho = 1.0 / xp.where(ok, sty, xp.ones_like(sty))
     half_ss = xp.astype(0.5 * rho * (rho * ywy + 1.0), h.dtype)
     t = half_ss * s0 - xp.astype(rho, h.dtype) * w
-    # s tᵀ + t sᵀ = (ρ² yᵀHy + ρ) s sᵀ − ρ (s wᵀ + w sᵀ), exactly symmetric in floating point.
-    new = h + (s0[:, None] * t[None, :] + t[:, None] * s0[None, :])
-    new = 0.5 * (new + xp.matrix_transpose(new))
-    ok = ok & xp.all(xp.isfinite(new))
+    # s tᵀ + t sᵀ = (ρ² yᵀHy + ρ) s sᵀ − ρ (s wᵀ + w sᵀ), exactly symmetric in floating point
+    # (a + b = b + a), so H⁺ is exactly symmetric whenever H is: no symmetrising pass.
+    outer = s0[:, None] * t[None, :]
+    new = h + (outer + xp.matrix_transpose(outer))
+    # NaN or inf anywhere reaches the sum: one reduction instead of a boolean matrix.
+    ok = ok & xp.isfinite(xp.sum(new))
     return xp.where(ok, new, h)
 
 
@@ -642,12 +653,14 @@ def lbfgs_apply(state: LBFGSState, v: Array, /, *, gamma=1.0, method: str = "two
     if method not in _METHODS:
         raise ValueError(f"{func}: method must be one of {_METHODS}, got {method!r}")
     xp = backend.xp
-    cols = xp.reshape(v, (state.dim, -1))
-    if method == "two-loop":
-        out = _two_loop(xp, state, cols, gamma)
-    else:
-        out = _compact(backend, state, cols, gamma)
+    out = _lbfgs_columns(backend, state, xp.reshape(v, (state.dim, -1)), gamma, method)
     return xp.reshape(out, v.shape)
+
+
+def _lbfgs_columns(backend: Backend, state: LBFGSState, cols: Array, gamma, method: str) -> Array:
+    if method == "two-loop":
+        return _two_loop(backend.xp, state, cols, gamma)
+    return _compact(backend, state, cols, gamma)
 
 
 def _masked(xp, state: LBFGSState) -> tuple[Array, Array, Array]:

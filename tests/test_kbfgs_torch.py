@@ -340,6 +340,62 @@ def test_curvature_every_calls_closure_once_in_between():
     assert opt.curvature("0").g_updates == 2
 
 
+def test_second_pass_computes_no_weight_gradient_and_allows_in_place_ops():
+    # ReLU(inplace=True) right after the first layer acts on the output the second pass turns
+    # into a root of the backward graph: it must stay legal there.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)
+    ).double()
+    reference = copy.deepcopy(model)
+    opt = KBFGS(model, lr=LR, damping=LAM)
+    x, t = _batches(steps=1)[0]
+    inner = _closure(opt, model, x, t)
+    seen = []
+
+    def closure():
+        loss = inner()
+        seen.append([p.grad for p in model.parameters()])
+        return loss
+
+    opt.step(closure)
+    first, second = seen
+    assert all(g is not None for g in first)
+    assert all(g is None for g in second)  # zero_grad(set_to_none) and nothing recomputed
+    assert all(p.requires_grad for p in model.parameters())
+    # The same step with a closure that asks for every gradient in the second pass (the pass
+    # as it used to be) gives the same parameters and curvature.
+    ref_opt = KBFGS(reference, lr=LR, damping=LAM)
+    ref_opt._second_pass = lambda c: ref_opt._run(c, record=True)
+    ref_opt.step(_closure(ref_opt, reference, x, t))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for name in opt.layer_names:
+        ours, theirs = opt.curvature(name).arrays(), ref_opt.curvature(name).arrays()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-12, atol=1e-14)
+
+
+def test_second_pass_unfreezes_parameters_when_the_closure_raises():
+    model = mlp()
+    opt = KBFGS(model, lr=LR)
+    x, t = _batches(steps=1)[0]
+    inner = _closure(opt, model, x, t)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return inner()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not opt.capture.active
+    assert not opt.capture.root_outputs
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -335,7 +335,8 @@ def test_lbfgs_empty_and_skipped_pairs(xp, to_xp, rng):
         assert_close(lbfgs_apply(state, to_xp(v), method=method), dense @ v, rtol=1e-10)
 
 
-def test_double_damping_with_lbfgs_state_matches_dense(xp, to_xp, to_np, rng):
+@pytest.mark.parametrize("method", ["two-loop", "compact"])
+def test_double_damping_with_lbfgs_state_matches_dense(xp, to_xp, to_np, rng, method):
     d = 6
     state = _init_like(xp, to_xp, d, 4, "float64")
     pairs = [curvature_pair(rng, d) for _ in range(3)]
@@ -343,7 +344,7 @@ def test_double_damping_with_lbfgs_state_matches_dense(xp, to_xp, to_np, rng):
         state = lbfgs_push(state, to_xp(s), to_xp(y))
     h = ref_lbfgs_dense(pairs, d, 1.5)
     s, y = rng.standard_normal(d), rng.standard_normal(d)
-    got = double_damping(to_xp(s), to_xp(y), state, mu2=0.3, gamma=1.5)
+    got = double_damping(to_xp(s), to_xp(y), state, mu2=0.3, gamma=1.5, lbfgs_method=method)
     want = double_damping(to_xp(s), to_xp(y), to_xp(h), mu2=0.3)
     for a, b in zip(got, want):
         assert_close(a, to_np(b), rtol=1e-10)
@@ -669,6 +670,11 @@ def _bad_calls(xp, to_xp):
             lambda: double_damping(v3, v3, h3, mu2=0.1, variant="DDV2"),
         ),
         (ValueError, "method must be one of", lambda: lbfgs_apply(state, v3, method="dense")),
+        (
+            ValueError,
+            "lbfgs_method must be one of",
+            lambda: double_damping(v3, v3, state, mu2=0.1, lbfgs_method="dense"),
+        ),
         (ValueError, "gamma must be finite and > 0", lambda: lbfgs_apply(state, v3, gamma=0.0)),
         (
             ValueError,

@@ -421,7 +421,13 @@ class KBFGSBlock:
         s_bar = xp.where(finite, c * state.s_bar + (1.0 - c) * s, state.s_bar)
         y_bar = xp.where(finite, c * state.y_bar + (1.0 - c) * y, state.y_bar)
         s_d, y_d = double_damping(
-            s_bar, y_bar, state.h_g, mu1=self.mu1, mu2=mu2, variant=self.variant
+            s_bar,
+            y_bar,
+            state.h_g,
+            mu1=self.mu1,
+            mu2=mu2,
+            variant=self.variant,
+            lbfgs_method=self.lbfgs_method,
         )
         g_norm = xp.linalg.vector_norm(xp.where(xp.isfinite(g_mean), g_mean, xp.zeros_like(g_mean)))
         min_curvature = self.skip_threshold * g_norm

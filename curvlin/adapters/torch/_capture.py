@@ -79,6 +79,10 @@ class LayerCapture:
         self.removed = False
         #: Also hook the outputs' gradients in the next backward (empirical Fisher).
         self.capture_grads = True
+        #: Make a recorded output that needs no gradient (its layer's parameters frozen, its
+        #: input constant) a root of the backward graph, so that output gradients are captured
+        #: with every parameter frozen: a backward without any weight-gradient GEMM.
+        self.root_outputs = False
         self.records: dict[str, list[Record]] = {}
         #: Examples seen by the root module while recording (0 if it could not tell).
         self.examples = 0
@@ -118,6 +122,9 @@ class LayerCapture:
             if not self._recording(module):
                 return
             record = self.records[name][-1]
+            replaced = self.root_outputs and not output.requires_grad
+            if replaced:  # a clone, not the leaf itself: in-place operations after it stay legal
+                output = output.detach().requires_grad_().clone()
             record.output = output
             if self.capture_grads and output.requires_grad:
 
@@ -125,6 +132,7 @@ class LayerCapture:
                     record.grad = grad
 
                 output.register_hook(store)
+            return output if replaced else None
 
         return hook
 

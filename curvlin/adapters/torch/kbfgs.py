@@ -154,6 +154,25 @@ class _KBFGSBase(torch.optim.Optimizer):
             self.capture.active = False
         return loss
 
+    def _second_pass(self, closure) -> None:
+        """The closure again at ``θ_{k+1}``, for ``h⁺`` and ``g⁺`` only.
+
+        Every parameter is frozen meanwhile and the first recorded layers' outputs become the
+        roots of the backward graph, so the closure's ``loss.backward()`` computes the output
+        gradients without a single weight gradient; ``.grad`` stays as the closure's
+        ``zero_grad`` left it.
+        """
+        frozen = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        self.capture.root_outputs = True
+        try:
+            self._run(closure, record=True)
+        finally:
+            self.capture.root_outputs = False
+            for p in frozen:
+                p.requires_grad_(True)
+
     def _collect(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
         """Per recorded layer: input rows, pre-activation rows, per-example gradient rows, m."""
         out = {}
@@ -228,7 +247,7 @@ class _KBFGSBase(torch.optim.Optimizer):
         for p, g, direction in updates:
             p.add_(direction, alpha=-g["lr"])
         if curvature and stats:
-            self._run(closure, record=True)
+            self._second_pass(closure)
             plus = self._collect()
             for layer, (x, h, g, n) in stats.items():
                 if layer not in plus or plus[layer][1].shape != h.shape:
@@ -319,8 +338,10 @@ _NOTES_DOC = """
     it is called again on the same minibatch at ``θ_{k+1}`` to record ``h⁺`` and ``g⁺``; then
     ``H_g`` is updated from ``s = mean(h − h⁺)``, ``y = mean(g − g⁺)`` and ``H_a`` by the
     Hessian-action update. The loss must be a mean over the examples of the batch (any mean
-    over other axes too); per-example gradients are autograd's times the batch size. After
-    :meth:`step`, ``.grad`` holds the gradients of the second pass on curvature steps.
+    over other axes too); per-example gradients are autograd's times the batch size. The
+    second pass runs with every parameter frozen (``requires_grad=False``), so its backward
+    computes output gradients only, no weight gradient; after :meth:`step`, ``.grad`` is what
+    the closure's ``zero_grad`` left on curvature steps.
 
     **Dropout and BatchNorm.** The two passes must compute the same function of the
     parameters, or ``y`` measures noise. Make the closure deterministic per step: reseed the
