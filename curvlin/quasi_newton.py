@@ -708,14 +708,17 @@ def _compact(backend: Backend, state: LBFGSState, v: Array, gamma) -> Array:
     eye = xp.eye(p, dtype=acc, device=_device(sty))
     invalid = xp.astype(xp.logical_not(state.valid), acc)
     r = xp.triu(sty) + eye * invalid[None, :]
-    st_v, yt_v = xp.astype(s @ v, acc), xp.astype(y @ v, acc)  # (p, n)
+    # S and Y stacked: two products with k = 2p instead of four with k = p (better GEMM shapes).
+    sy = xp.concat([s, y], axis=0)  # (2p, d)
+    sy_v = xp.astype(sy @ v, acc)  # (2p, n): Sᵀv over Yᵀv
+    st_v, yt_v = sy_v[:p, ...], sy_v[p:, ...]
     g = _as_dtype(xp, gamma, acc)
     t = backend.solve_triangular(r, st_v, lower=False)  # R⁻¹ Sᵀv
     middle = d[:, None] * t + g * (yty @ t) - g * yt_v
     u = backend.solve_triangular(xp.matrix_transpose(r), middle, lower=True)  # R⁻ᵀ(...)
-    u, t = xp.astype(u, v.dtype), xp.astype(t, v.dtype)
+    coefficients = xp.astype(xp.concat([u, -g * t], axis=0), v.dtype)  # (2p, n)
     g = _as_dtype(xp, gamma, v.dtype)
-    return g * v + xp.matrix_transpose(s) @ u - g * (xp.matrix_transpose(y) @ t)
+    return g * v + xp.matrix_transpose(sy) @ coefficients
 
 
 # -- Hessian-action update of the A-factor inverse ----------------------------------------

@@ -321,13 +321,14 @@ class KBFGSBlock:
         if self.a_update == "minibatch" and not first:
             return replace(state, a_updates=state.a_updates + 1)
         xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
-        a_batch = backend.gram(xb, scale=1.0 / n)
         if first:
+            a_batch = backend.gram(xb, scale=1.0 / n)
             h_a = spd_inverse(a_batch, damping=lam_a)
             a = a_batch if self.a_update == "ema" else None
             return replace(state, h_a=h_a, a=a, a_updates=1)
         beta = self.a_decay
-        a = beta * state.a + (1.0 - beta) * a_batch
+        # (1 − β) rides on the Gram product's scale: one pass over A fewer.
+        a = beta * state.a + backend.gram(xb, scale=(1.0 - beta) / n)
         return replace(state, a=a, a_updates=state.a_updates + 1)
 
     def update_h_a(self, state: KBFGSState, x: Array, /, *, n_examples: int, damping) -> KBFGSState:

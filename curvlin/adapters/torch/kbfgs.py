@@ -174,7 +174,7 @@ class _KBFGSBase(torch.optim.Optimizer):
                 p.requires_grad_(True)
 
     def _collect(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-        """Per recorded layer: input rows, pre-activation rows, per-example gradient rows, m."""
+        """Per recorded layer: input rows, pre-activation rows, autograd's gradient rows, m."""
         out = {}
         for layer, recorded in self.capture.records.items():
             records = [r for r in recorded if r.grad is not None]
@@ -185,7 +185,9 @@ class _KBFGSBase(torch.optim.Optimizer):
             h = _cat([handler.output_rows(r.output.detach()).to(dtype) for r in records])
             g = _cat([handler.output_rows(r.grad).to(dtype) for r in records])
             n = self.capture.examples or sum(handler.n_examples(r.input) for r in records)
-            out[layer] = (x, h, g * n, n)  # autograd's gradient of a batch-mean loss is g / m
+            # Autograd's gradient of a batch-mean loss is g / m: only means of g are needed
+            # (y and ḡ), so the factor m is applied to them, not to every row.
+            out[layer] = (x, h, g, n)
         self.capture.clear()
         return out
 
@@ -254,7 +256,7 @@ class _KBFGSBase(torch.optim.Optimizer):
                     continue  # the layer was not reached in the second pass the same way
                 block, state = self.blocks[layer], states[layer]
                 s, y = block.pair(h, plus[layer][1], g, plus[layer][2])
-                state = block.update_g(state, s, y, g.mean(dim=0), damping=damping)
+                state = block.update_g(state, s, y * n, g.mean(dim=0) * n, damping=damping)
                 states[layer] = block.update_h_a(state, x, n_examples=n, damping=damping)
         for layer, state in states.items():
             self._save(layer, state)
@@ -271,7 +273,7 @@ class _KBFGSBase(torch.optim.Optimizer):
         buf = slot.get("momentum_buffer")
         if buf is None:
             buf = slot["momentum_buffer"] = torch.zeros_like(p)
-        buf.mul_(rho).add_(grad, alpha=1.0 - rho)
+        buf.lerp_(grad, 1.0 - rho)  # ρ M + (1 − ρ) g in one pass
         return buf
 
     # -- checkpoints --------------------------------------------------------------------------
