@@ -39,13 +39,16 @@ buffers excluded); K-BFGS(L)'s should stay near 1 (the CNN paper's "memory compa
 first-order methods").
 
 For scale (flop counts, not measured): forward + backward of SGD is about 15.4 GFLOP per step;
-KFAC adds 13.0 GFLOP of statistics (``āᵀā`` and ``δᵀδ`` as full GEMMs; 6.5 with a symmetric
-rank-k update), about 5.5 GFLOP of Cholesky + ``cholesky_inverse`` (n³ per factor, at LAPACK
-rather than GEMM speed) and 9.0 GFLOP of preconditioning (``G⁻¹ ∇W̄ A⁻¹``, two GEMMs per layer,
-paid on every step, amortised or not), and the sampled Fisher's extra backward adds about 4.1.
-The preconditioning alone puts a floor of about 1 + 9.0/15.4 ≈ 1.6 under the amortised ratio
-at equal GEMM efficiency, so its 1.2 goal needs a cheaper per-step solve than two dense GEMMs
-per layer.
+KFAC adds the statistics ``āᵀā`` and ``δᵀδ`` (13.0 GFLOP as full GEMMs, 6.5 as symmetric rank-k
+updates; :meth:`curvlin.backends.Backend.gram` computes about 0.6 of the GEMM's flops on torch
+CPU, which has no ``syrk``), about 5.5 GFLOP of Cholesky + ``cholesky_inverse`` (n³ per factor,
+at LAPACK rather than GEMM speed) and 9.0 GFLOP of preconditioning (``G⁻¹ ∇W̄ A⁻¹``, two GEMMs
+per layer, paid on every step, amortised or not), and the sampled Fisher's extra backward adds
+about 4.1. The preconditioning alone puts a floor of about 1 + 9.0/15.4 ≈ 1.6 under the
+amortised ratio at equal GEMM efficiency, so its 1.2 goal needs a cheaper per-step solve than
+two dense GEMMs per layer. K-BFGS's second pass is a forward and a backward without weight
+gradients (about 9.8 GFLOP), K-BFGS(L)'s preconditioning ``H_g M H_a`` one GEMM per layer with
+``H_a`` (4.5 GFLOP) plus the compact L-BFGS products with 100 pairs (2.3 GFLOP).
 
 How the ratio is measured (``track_ratio_to_sgd``)
 ------------------------------------------------------
