@@ -98,8 +98,9 @@ class Backend:
     def gram(self, x: Array, /, *, scale: float = 1.0) -> Array:
         """``scale · xᵀx`` for a matrix ``x`` of shape (rows, n): an (n, n) Gram matrix.
 
-        The result is exactly symmetric. Native CPU backends compute one triangle with the
-        BLAS symmetric rank-k update (``syrk``), half the flops of a general product.
+        The result is exactly symmetric. Native backends skip work where the library lets
+        them: NumPy hands ``x.T @ x`` to the BLAS symmetric rank-k update (``syrk``, half the
+        flops of a general product), torch on the CPU computes the lower triangle in blocks.
         """
         xp = self.xp
         product = xp.matrix_transpose(x) @ x
