@@ -311,7 +311,7 @@ def test_gram_is_scaled_symmetric_xtx(xp, to_xp, to_np, impl, rng, shape, dtype)
     assert_close(out, 0.25 * (x.T @ x), rtol=rtol, what="gram")
 
 
-def test_gram_of_non_contiguous_views(rng):
+def test_gram_of_strided_and_fortran_ordered_arrays(rng):
     x = rng.standard_normal((30, 8))
     for view in (x[:, ::2], x.T.copy().T, x[::3]):
         np.testing.assert_allclose(get_backend(view).gram(view, scale=2.0), 2.0 * view.T @ view)

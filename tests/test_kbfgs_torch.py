@@ -363,8 +363,8 @@ def test_second_pass_computes_no_weight_gradient_and_allows_in_place_ops():
     assert all(g is not None for g in first)
     assert all(g is None for g in second)  # zero_grad(set_to_none) and nothing recomputed
     assert all(p.requires_grad for p in model.parameters())
-    # The same step with a closure that asks for every gradient in the second pass (the pass
-    # as it used to be) gives the same parameters and curvature.
+    # The same step with the second pass as it used to be (a plain run of the closure, every
+    # gradient computed) gives the same parameters and curvature.
     ref_opt = KBFGS(reference, lr=LR, damping=LAM)
     ref_opt._second_pass = lambda c: ref_opt._run(c, record=True)
     ref_opt.step(_closure(ref_opt, reference, x, t))
