@@ -101,6 +101,15 @@ class Backend:
         The result is exactly symmetric. Native backends skip work where the library lets
         them: NumPy hands ``x.T @ x`` to the BLAS symmetric rank-k update (``syrk``, half the
         flops of a general product), torch on the CPU computes the lower triangle in blocks.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlin.backends import get_backend
+        >>> x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> get_backend(x).gram(x, scale=0.5)
+        array([[17.5, 22. ],
+               [22. , 28. ]])
         """
         xp = self.xp
         product = xp.matrix_transpose(x) @ x

@@ -35,7 +35,7 @@ class TorchBackend(Backend):
         torch = self._torch
         if x.device.type == "cpu":
             out = x.new_empty((x.shape[1], x.shape[1]))
-            _lower_gram(torch, x, out)
+            _lower_gram(x, out)
             return out.mul_(scale)
         product = torch.mm(x.mT, x)  # one GEMM launch on a GPU, mirrored to exact symmetry
         return product.add_(product.mT.clone()).mul_(0.5 * scale)
@@ -62,7 +62,7 @@ class TorchBackend(Backend):
 _GRAM_LEAF = 256
 
 
-def _lower_gram(torch, x, out) -> None:
+def _lower_gram(x, out) -> None:
     """``out = xᵀx`` from the lower triangle's blocks: about 0.6 of a GEMM's flops at n = 1000.
 
     Torch has no symmetric rank-k update (BLAS ``syrk``); splitting the columns in halves and
@@ -78,5 +78,5 @@ def _lower_gram(torch, x, out) -> None:
     left, right = x[:, :h], x[:, h:]
     out[h:, :h] = right.mT @ left
     out[:h, h:] = out[h:, :h].mT
-    _lower_gram(torch, left, out[:h, :h])
-    _lower_gram(torch, right, out[h:, h:])
+    _lower_gram(left, out[:h, :h])
+    _lower_gram(right, out[h:, h:])
