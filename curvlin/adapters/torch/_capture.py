@@ -8,6 +8,7 @@ is in training mode and gradients are enabled, so evaluation passes never distur
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -21,7 +22,7 @@ __all__ = ["LayerCapture", "Record", "find_layers"]
 class Record:
     """One call of one layer: its input, output and (later) output gradient."""
 
-    __slots__ = ("grad", "input", "output")
+    __slots__ = ("__weakref__", "grad", "input", "output")
 
     def __init__(self, input: torch.Tensor):
         self.input = input
@@ -127,9 +128,15 @@ class LayerCapture:
                 output = output.detach().requires_grad_().clone()
             record.output = output
             if self.capture_grads and output.requires_grad:
+                # A weak reference: the hook lives on the output, which the record holds, and
+                # the garbage collector cannot see references held by a tensor's hooks, so a
+                # strong one would keep every record and its tensors alive forever.
+                ref = weakref.ref(record)
 
-                def store(grad, record=record):
-                    record.grad = grad
+                def store(grad, ref=ref):
+                    alive = ref()
+                    if alive is not None:
+                        alive.grad = grad
 
                 output.register_hook(store)
             return output if replaced else None
