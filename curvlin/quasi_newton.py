@@ -356,9 +356,10 @@ def bfgs_inverse_update(h: Array, s: Array, y: Array, /, *, min_curvature=0.0) -
     Notes
     -----
     ``sᵀy``, ``sᵀs``, ``yᵀHy`` and the two coefficients are computed in float64 where the
-    library supports it on the arrays' device, then cast to ``h``'s dtype. With NumPy, a pair
-    so large that ``H⁺`` overflows may raise NumPy's overflow ``RuntimeWarning`` before it is
-    rejected.
+    library supports it on the arrays' device, then cast to ``h``'s dtype. The overflow test
+    bounds ``|H⁺_ij|`` by ``max_i H_ii`` plus the largest entry of the rank-2 term, which
+    relies on ``h`` being positive definite; with NumPy, a pair so large that this float64
+    bound overflows may raise NumPy's overflow ``RuntimeWarning`` before it is rejected.
 
     References
     ----------
@@ -389,7 +390,11 @@ def bfgs_inverse_update(h: Array, s: Array, y: Array, /, *, min_curvature=0.0) -
 
 
 def _bfgs(backend: Backend, h: Array, s: Array, y: Array, min_curvature) -> Array:
-    """The BFGS inverse update with the skip rules, unchecked; returns ``h`` values if skipped."""
+    """The BFGS inverse update with the skip rules, unchecked; returns ``h`` values if skipped.
+
+    Three passes over the matrix (two broadcast products and the sums): the skip decision is
+    made on vectors, never on the new matrix.
+    """
     xp = backend.xp
     acc = _accumulation_dtype(xp, h)
     s0, finite_s = _finite_part(xp, s)
@@ -400,13 +405,20 @@ def _bfgs(backend: Backend, h: Array, s: Array, y: Array, min_curvature) -> Arra
     rho = 1.0 / xp.where(ok, sty, xp.ones_like(sty))
     half_ss = xp.astype(0.5 * rho * (rho * ywy + 1.0), h.dtype)
     t = half_ss * s0 - xp.astype(rho, h.dtype) * w
-    # s tᵀ + t sᵀ = (ρ² yᵀHy + ρ) s sᵀ − ρ (s wᵀ + w sᵀ), exactly symmetric in floating point
-    # (a + b = b + a), so H⁺ is exactly symmetric whenever H is: no symmetrising pass.
-    outer = s0[:, None] * t[None, :]
-    new = h + (outer + xp.matrix_transpose(outer))
-    # NaN or inf anywhere reaches the sum: one reduction instead of a boolean matrix.
-    ok = ok & xp.isfinite(xp.sum(new))
-    return xp.where(ok, new, h)
+    # H⁺ = H + (s tᵀ + t sᵀ). Each entry of the rank-2 term is at most 2·max|s|·max|t|, and
+    # |H_ij| <= max_i H_ii for a positive definite H: bounding that sum bounds H⁺, so an
+    # overflow (or NaN/inf in t, which fail the comparison) is caught without reading H⁺.
+    size = xp.max(xp.abs(xp.astype(s0, acc))) * xp.max(xp.abs(xp.astype(t, acc)))
+    bound = xp.astype(xp.max(xp.linalg.diagonal(h)), acc) + 2.0 * size
+    ok = ok & (bound < xp.finfo(h.dtype).max / 2)
+    # A skipped pair becomes s = +0, t = −0: every entry of the rank-2 term is then −0, and
+    # x + (−0) is x bit for bit for every x (a +0 term would turn a −0 entry of H into +0).
+    s0 = xp.where(ok, s0, xp.zeros_like(s0))
+    t = xp.where(ok, t, -xp.zeros_like(t))
+    # Two broadcast products, not one and its transpose: entry (i, j) adds the same two rounded
+    # products as entry (j, i), so the term, and H⁺ with it, is exactly symmetric (a + b = b + a),
+    # and both products read memory in order.
+    return h + (s0[:, None] * t[None, :] + t[:, None] * s0[None, :])
 
 
 # -- L-BFGS -------------------------------------------------------------------------------
