@@ -729,8 +729,8 @@ def _compact(backend: Backend, state: LBFGSState, v: Array, gamma) -> Array:
     middle = d[:, None] * t + g * (yty @ t) - g * yt_v
     u = backend.solve_triangular(xp.matrix_transpose(r), middle, lower=True)  # R⁻ᵀ(...)
     coefficients = xp.astype(xp.concat([u, -g * t], axis=0), v.dtype)  # (2p, n)
-    g = _as_dtype(xp, gamma, v.dtype)
-    return g * v + xp.matrix_transpose(sy) @ coefficients
+    scaled = v if _is_one(gamma) else _as_dtype(xp, gamma, v.dtype) * v  # K-BFGS(L): γ = 1
+    return scaled + xp.matrix_transpose(sy) @ coefficients
 
 
 # -- Hessian-action update of the A-factor inverse ----------------------------------------
@@ -804,7 +804,15 @@ def hessian_action_update(
 
 
 def hessian_action_update_minibatch(
-    h_a: Array, x: Array, u: Array, /, *, n_examples: int, damping, min_curvature=0.0
+    h_a: Array,
+    x: Array,
+    u: Array,
+    /,
+    *,
+    n_examples: int,
+    damping,
+    min_curvature=0.0,
+    homogeneous: bool = False,
 ) -> Array:
     """Hessian-action update of ``H_a`` without storing ``A``: ``A`` from this minibatch.
 
@@ -835,6 +843,9 @@ def hessian_action_update_minibatch(
         checked for sign.
     min_curvature : float or 0-d array, optional
         As in :func:`bfgs_inverse_update`.
+    homogeneous : bool, optional
+        If True, ``x`` has ``d_a − 1`` columns and stands for the rows ``[x, 1]``: the
+        homogeneous entry is applied implicitly instead of being copied into every row.
 
     Returns
     -------
@@ -861,19 +872,27 @@ def hessian_action_update_minibatch(
     func = "hessian_action_update_minibatch"
     backend = namespace_of(("h_a", h_a), ("x", x), ("u", u), func=func)
     d = check_square(h_a, "h_a", func, stacked=False)
-    if x.ndim < 2 or x.shape[-1] != d:
+    if not isinstance(homogeneous, bool):
+        raise TypeError(f"{func}: homogeneous must be a bool, got {homogeneous!r}")
+    columns = d - 1 if homogeneous else d
+    if x.ndim < 2 or x.shape[-1] != columns:
         raise ValueError(
-            f"{func}: x must have shape (..., {d}) with at least 2 axes to match h_a of shape "
-            f"{tuple(h_a.shape)}, got {tuple(x.shape)}"
+            f"{func}: x must have shape (..., {columns}) with at least 2 axes to match h_a of "
+            f"shape {tuple(h_a.shape)}{' (homogeneous=True)' if homogeneous else ''}, "
+            f"got {tuple(x.shape)}"
         )
     _check_vectors(func, ("u", u), dim=d, dim_of=f"h_a of shape {tuple(h_a.shape)}")
     n_examples = _check_count(n_examples, "n_examples", func)
     damping = _check_scalar(damping, "damping", func, like=h_a, strict=False)
     min_curvature = _check_scalar(min_curvature, "min_curvature", func, like=h_a, strict=False)
     xp = backend.xp
-    rows = xp.reshape(x, (-1, d))
+    rows = xp.reshape(x, (-1, columns))
     s_a = h_a @ u
-    y_a = ((rows @ s_a) @ rows) / float(n_examples)
+    if homogeneous:  # [x, 1] s_a = x s_a[:-1] + s_a[-1];  [x, 1]ᵀ z = [xᵀz, Σ z]
+        z = rows @ s_a[:-1] + s_a[-1]
+        y_a = xp.concat([z @ rows, xp.sum(z, keepdims=True)]) / float(n_examples)
+    else:
+        y_a = ((rows @ s_a) @ rows) / float(n_examples)
     if not _is_zero(damping):
         y_a = y_a + _as_dtype(xp, damping, h_a.dtype) * s_a
     return _bfgs(backend, h_a, s_a, y_a, min_curvature)
@@ -919,6 +938,10 @@ def _as_dtype(xp, value, dtype):
 
 def _is_zero(value) -> bool:
     return isinstance(value, float) and value == 0.0
+
+
+def _is_one(value) -> bool:
+    return isinstance(value, float) and value == 1.0
 
 
 def _check_vectors(func: str, *named, dim: int | None = None, dim_of: str = "") -> None:

@@ -422,6 +422,24 @@ def test_minibatch_hessian_action_matches_dense(xp, to_xp, dtype, d, lead, seed,
     assert_close(out, expected, rtol=RTOL[dtype] * 10, what="minibatch H_a")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(6,), (3, 4)])
+def test_minibatch_implicit_homogeneous_column(xp, to_xp, dtype, lead, rng):
+    """``homogeneous=True`` on ``x`` equals the explicit rows ``[x, 1]``."""
+    d = 5
+    x = rng.standard_normal((*lead, d - 1))
+    x_bar = np.concatenate([x, np.ones((*lead, 1))], axis=-1)
+    h, u = random_spd(rng, d), x_bar.reshape(-1, d).mean(axis=0)
+    kw = {"n_examples": lead[0], "damping": 0.2}
+    implicit = hessian_action_update_minibatch(
+        to_xp(h, dtype), to_xp(x, dtype), to_xp(u, dtype), homogeneous=True, **kw
+    )
+    explicit = hessian_action_update_minibatch(
+        to_xp(h, dtype), to_xp(x_bar, dtype), to_xp(u, dtype), **kw
+    )
+    assert_close(implicit, host(explicit), rtol=RTOL[dtype] * 10, what="implicit [x, 1]")
+
+
 def test_minibatch_duplication_invariance(xp, to_xp, to_np, rng):
     """T11: duplicating the minibatch (and its example count) changes nothing."""
     d, m = 4, 5
@@ -627,6 +645,20 @@ def _bad_calls(xp, to_xp):
             "x must have shape",
             lambda: hessian_action_update_minibatch(
                 h3, to_xp(np.ones((5, 4))), v3, n_examples=5, damping=0.1
+            ),
+        ),
+        (
+            ValueError,
+            r"x must have shape \(\.\.\., 2\).*homogeneous=True",
+            lambda: hessian_action_update_minibatch(
+                h3, h3, v3, n_examples=3, damping=0.1, homogeneous=True
+            ),
+        ),
+        (
+            TypeError,
+            "homogeneous must be a bool",
+            lambda: hessian_action_update_minibatch(
+                h3, h3, v3, n_examples=3, damping=0.1, homogeneous=1
             ),
         ),
         (

@@ -280,16 +280,19 @@ class KBFGSBlock:
     # -- input side -------------------------------------------------------------------------
     def homogeneous(self, x: Array, /) -> Array:
         """Input rows ``x`` of shape (R, d_in) as ``x̄`` of shape (R, d_a) (a 1 appended if bias)."""
-        namespace_of(("x", x), func=f"{type(self).__name__}.homogeneous")
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise ValueError(
-                f"{type(self).__name__}: x must have shape (R, {self.d_in}), got {tuple(x.shape)}"
-            )
+        self._check_rows(x, "homogeneous")
         if not self.bias:
             return x
         xp = get_backend(x).xp
         ones = xp.ones((x.shape[0], 1), dtype=x.dtype, device=_device(x))
         return xp.concat([x, ones], axis=1)
+
+    def _check_rows(self, x: Array, /, method: str) -> None:
+        namespace_of(("x", x), func=f"{type(self).__name__}.{method}")
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(
+                f"{type(self).__name__}: x must have shape (R, {self.d_in}), got {tuple(x.shape)}"
+            )
 
     def update_a(self, state: KBFGSState, x: Array, /, *, n_examples: int, damping) -> KBFGSState:
         """Step 3: fold the batch's ``A = (1/n_examples) X̄ᵀX̄`` in; warm-start ``H_a`` once.
@@ -343,8 +346,11 @@ class KBFGSBlock:
         lam_a = _sqrt_damping(damping, type(self).__name__)
         n = _check_examples(n_examples, type(self).__name__)
         xp = get_backend(state.h_a).xp
-        xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
-        u = xp.mean(xb, axis=0)
+        self._check_rows(x, "update_h_a")
+        x = _cast(xp, x, state.h_a.dtype)  # the 1s of x̄ stay implicit: no copy of the rows
+        u = xp.mean(x, axis=0)
+        if self.bias:
+            u = xp.concat([u, xp.ones((1,), dtype=u.dtype, device=_device(u))])
         min_curvature = self.skip_threshold * xp.linalg.vector_norm(u)
         if self.a_update == "ema":
             if state.a_updates == 0:
@@ -354,7 +360,13 @@ class KBFGSBlock:
             )
         else:
             h_a = hessian_action_update_minibatch(
-                state.h_a, xb, u, n_examples=n, damping=lam_a, min_curvature=min_curvature
+                state.h_a,
+                x,
+                u,
+                n_examples=n,
+                damping=lam_a,
+                min_curvature=min_curvature,
+                homogeneous=self.bias,
             )
         return replace(state, h_a=h_a)
 
