@@ -151,6 +151,42 @@ def test_warm_start_and_conv_scale(xp, to_xp, to_np, rng):
     np.testing.assert_allclose(to_np(after.h_a), to_np(state.h_a), rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("a_update", ["ema", "minibatch"])
+def test_repair_rebuilds_indefinite_factors(a_update, xp, to_xp, to_np, rng):
+    """§9.6: an ``H_a`` or dense ``H_g`` that lost positive definiteness is rebuilt."""
+    m, d_in, d_out = 16, 3, 2
+    x = rng.standard_normal((m, d_in)) + 0.5
+    block = KBFGSBlock(d_out, d_in, a_update=a_update)
+    state = block.update_a(block.init(to_xp(np.zeros(1))), to_xp(x), n_examples=m, damping=LAM)
+    same, rebuilt = block.repair(state, to_xp(x), n_examples=m, damping=LAM)
+    assert rebuilt == ()
+    assert same is state
+    x_bar = np.concatenate([x, np.ones((m, 1))], axis=1)
+    fresh = np.linalg.inv(x_bar.T @ x_bar / m + math.sqrt(LAM) * np.eye(d_in + 1))
+    broken = KBFGSState.from_arrays(
+        {**state.arrays(), "h_a": to_xp(-np.eye(d_in + 1)), "h_g": to_xp(np.diag([1.0, -1.0]))},
+        a_updates=state.a_updates,
+        g_updates=state.g_updates,
+    )
+    new, rebuilt = block.repair(broken, to_xp(x), n_examples=m, damping=LAM)
+    assert rebuilt == ("h_a", "h_g")
+    np.testing.assert_allclose(to_np(new.h_a), fresh, rtol=1e-8)
+    np.testing.assert_array_equal(to_np(new.h_g), np.eye(d_out))
+    # The L-BFGS H_g is positive definite by construction: only H_a is tested.
+    lblock = KBFGSLBlock(d_out, d_in, memory=3, a_update=a_update)
+    lstate = lblock.update_a(lblock.init(to_xp(np.zeros(1))), to_xp(x), n_examples=m, damping=LAM)
+    lbroken = KBFGSState.from_arrays(
+        {**lstate.arrays(), "h_a": to_xp(-np.eye(d_in + 1))},
+        a_updates=lstate.a_updates,
+        g_updates=lstate.g_updates,
+    )
+    new, rebuilt = lblock.repair(lbroken, to_xp(x), n_examples=m, damping=LAM)
+    assert rebuilt == ("h_a",)
+    np.testing.assert_allclose(to_np(new.h_a), fresh, rtol=1e-8)
+    with pytest.raises(ValueError, match="call update_a"):
+        block.repair(block.init(to_xp(np.zeros(1))), to_xp(x), n_examples=m, damping=LAM)
+
+
 def test_nonfinite_pair_leaves_state(xp, to_xp, to_np, rng):
     """A pair holding NaN leaves the EMAs and ``H_g`` (dense and L-BFGS) bit-identical."""
     for block in (KBFGSBlock(3, 2), KBFGSLBlock(3, 2, memory=4)):

@@ -305,6 +305,32 @@ def test_nan_step_skipped_state_intact(cls):
     assert opt.step_count == 2
 
 
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_indefinite_factor_is_rebuilt_on_check_steps(cls):
+    """§9.6: every ``pd_check_every`` curvature steps an indefinite ``H_a`` is re-inverted."""
+    model = mlp()
+    opt = cls(model, lr=LR, damping=LAM, pd_check_every=2)
+    (x, t), (x2, t2) = _batches(steps=2)
+    opt.step(_closure(opt, model, x, t))  # a_updates = 1: no check
+    slot = opt.state[model[0].weight]
+    slot["kbfgs_h_a"] = -slot["kbfgs_h_a"]  # as if rounding had destroyed it
+    with pytest.warns(RuntimeWarning, match=r"layer '0': h_a no longer positive definite"):
+        opt.step(_closure(opt, model, x2, t2))  # a_updates = 2: checked and rebuilt
+    assert opt.repaired_factors == 1
+    torch.linalg.cholesky(opt.curvature("0").h_a)  # positive definite again
+    assert opt.state_dict()["curvlin"]["repaired_factors"] == 1
+    # None switches the test off: the broken factor stays.
+    model = mlp()
+    opt = cls(model, lr=LR, damping=LAM, pd_check_every=None)
+    opt.step(_closure(opt, model, x, t))
+    slot = opt.state[model[0].weight]
+    slot["kbfgs_h_a"] = -slot["kbfgs_h_a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(_closure(opt, model, x2, t2))
+    assert opt.repaired_factors == 0
+
+
 def test_closure_required():
     opt = KBFGS(mlp())
     with pytest.raises(RuntimeError, match="needs a closure"):
@@ -403,6 +429,8 @@ def test_second_pass_unfreezes_parameters_when_the_closure_raises():
         ({"damping": 0.0}, "damping"),
         ({"momentum": 1.0}, "momentum"),
         ({"curvature_every": 0}, "curvature_every"),
+        ({"pd_check_every": 0}, "pd_check_every"),
+        ({"pd_check_every": 2.0}, "pd_check_every"),
         ({"variant": "v3"}, "variant"),
     ],
 )

@@ -145,7 +145,9 @@ class KBFGSBlock:
     2. :meth:`precondition` of the (momentum) gradient, ``P = H_g M H_a``; the caller updates
        the parameters;
     3. :meth:`pair` and :meth:`update_g` (EMA of ``(s, y)``, double damping, BFGS or L-BFGS);
-    4. :meth:`update_h_a` (Hessian-action BFGS update of ``H_a``).
+    4. :meth:`update_h_a` (Hessian-action BFGS update of ``H_a``);
+    5. every so many iterations, :meth:`repair` (rebuild a factor that rounding has made
+       indefinite; one host synchronisation).
 
     Parameters
     ----------
@@ -369,6 +371,67 @@ class KBFGSBlock:
                 homogeneous=self.bias,
             )
         return replace(state, h_a=h_a)
+
+    def repair(
+        self, state: KBFGSState, x: Array, /, *, n_examples: int, damping
+    ) -> tuple[KBFGSState, tuple[str, ...]]:
+        """Rebuild the factors that are no longer positive definite (``spec/kbfgs.md`` §9.6).
+
+        In float32, rank-two updates can, over long runs, round ``H_a`` (or a dense ``H_g``)
+        into a matrix that is not positive definite. Each is tested by a Cholesky
+        factorisation in its own dtype. A failed ``H_a`` is re-inverted, ``(A + √λ I)⁻¹`` with
+        the EMA ``A`` (``"ema"``) or this batch's ``(1/n_examples) X̄ᵀX̄`` (``"minibatch"``); a
+        failed dense ``H_g`` is reset to ``I``. The L-BFGS ``H_g`` is positive definite by
+        construction (every stored pair has ``sᵀy > 0``) and is not tested.
+
+        Parameters
+        ----------
+        state : KBFGSState
+        x : array, shape (R, d_in)
+            This batch's input rows, as in :meth:`update_a` (read only by the minibatch
+            variant, and only when ``H_a`` fails).
+        n_examples : int
+        damping : float
+            As in :meth:`update_a`.
+
+        Returns
+        -------
+        state : KBFGSState
+            The state with the failed factors rebuilt (the same object if none failed).
+        rebuilt : tuple of str
+            The names of the rebuilt factors, ``"h_a"`` and/or ``"h_g"``.
+
+        Notes
+        -----
+        One host synchronisation (to read the two test results), so call it every so many
+        steps, not on every step: the optimizers do it every ``pd_check_every`` curvature steps.
+        """
+        owner = type(self).__name__
+        lam_a = _sqrt_damping(damping, owner)
+        n = _check_examples(n_examples, owner)
+        if state.a_updates == 0:
+            raise ValueError(f"{owner}.repair: call update_a() first")
+        backend = get_backend(state.h_a)
+        xp = backend.xp
+        dense_g = not isinstance(state.h_g, LBFGSState)
+        ok = backend.cholesky_ex(state.h_a)[1]
+        if dense_g:
+            ok = xp.stack([ok, backend.cholesky_ex(state.h_g)[1]])
+        ok = [bool(v) for v in backend.to_numpy(xp.reshape(ok, (-1,)))]  # the one sync
+        rebuilt = []
+        if not ok[0]:
+            if self.a_update == "ema":
+                a = state.a
+            else:
+                xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
+                a = backend.gram(xb, scale=1.0 / n)
+            state = replace(state, h_a=spd_inverse(a, damping=lam_a))
+            rebuilt.append("h_a")
+        if dense_g and not ok[1]:
+            eye = xp.eye(self.d_out, dtype=state.h_g.dtype, device=_device(state.h_g))
+            state = replace(state, h_g=eye)
+            rebuilt.append("h_g")
+        return state, tuple(rebuilt)
 
     # -- output side ------------------------------------------------------------------------
     def pair(self, h: Array, h_plus: Array, g: Array, g_plus: Array, /) -> tuple[Array, Array]:

@@ -41,6 +41,7 @@ class _KBFGSBase(torch.optim.Optimizer):
         memory: int | None,
         a_update: str,
         curvature_every: int,
+        pd_check_every: int | None,
         variant: str | None,
         mu1: float,
         a_decay: float,
@@ -60,9 +61,18 @@ class _KBFGSBase(torch.optim.Optimizer):
             raise ValueError(
                 f"{name}: curvature_every must be an int >= 1, got {curvature_every!r}"
             )
+        if pd_check_every is not None and (
+            isinstance(pd_check_every, bool)
+            or not isinstance(pd_check_every, int)
+            or pd_check_every < 1
+        ):
+            raise ValueError(
+                f"{name}: pd_check_every must be None or an int >= 1, got {pd_check_every!r}"
+            )
         if variant not in _VARIANTS:
             raise ValueError(f"{name}: variant must be one of {_VARIANTS}, got {variant!r}")
         self.curvature_every = curvature_every
+        self.pd_check_every = pd_check_every
         self.layers, other_params = find_layers(model, unsupported=unsupported)
         self.blocks: dict[str, KBFGSBlock] = {}
         self.factor_dtypes: dict[str, torch.dtype] = {}
@@ -103,6 +113,8 @@ class _KBFGSBase(torch.optim.Optimizer):
         self.step_count = 0
         #: Steps skipped because of NaN or inf gradients or statistics.
         self.skipped_steps = 0
+        #: Factors rebuilt because they were no longer positive definite (``pd_check_every``).
+        self.repaired_factors = 0
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -257,11 +269,28 @@ class _KBFGSBase(torch.optim.Optimizer):
                 block, state = self.blocks[layer], states[layer]
                 s, y = block.pair(h, plus[layer][1], g, plus[layer][2])
                 state = block.update_g(state, s, y * n, g.mean(dim=0) * n, damping=damping)
-                states[layer] = block.update_h_a(state, x, n_examples=n, damping=damping)
+                state = block.update_h_a(state, x, n_examples=n, damping=damping)
+                states[layer] = self._check_factors(layer, state, x, n, damping)
         for layer, state in states.items():
             self._save(layer, state)
         self.step_count += 1
         return loss
+
+    def _check_factors(self, layer: str, state: KBFGSState, x, n: int, damping) -> KBFGSState:
+        """Every ``pd_check_every`` curvature steps: rebuild factors no longer positive definite."""
+        every = self.pd_check_every
+        if every is None or state.a_updates % every:
+            return state
+        state, rebuilt = self.blocks[layer].repair(state, x, n_examples=n, damping=damping)
+        if rebuilt:
+            self.repaired_factors += len(rebuilt)
+            warnings.warn(
+                f"{self._name}: layer {layer!r}: {' and '.join(rebuilt)} no longer positive "
+                f"definite at step {self.step_count}, rebuilt (H_a from (A + √λ I)⁻¹, H_g as I)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return state
 
     def _momentum(self, p: torch.Tensor, group) -> torch.Tensor:
         """``M ← ρ M + (1 − ρ)(∇f + τ θ)`` in place (EMA form, no bias correction); returns M."""
@@ -280,7 +309,11 @@ class _KBFGSBase(torch.optim.Optimizer):
     def state_dict(self):
         """Torch's optimizer state (every buffer, per layer) plus curvlin's counters."""
         out = super().state_dict()
-        out["curvlin"] = {"step_count": self.step_count, "skipped_steps": self.skipped_steps}
+        out["curvlin"] = {
+            "step_count": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "repaired_factors": self.repaired_factors,
+        }
         return out
 
     def load_state_dict(self, state_dict):
@@ -288,6 +321,8 @@ class _KBFGSBase(torch.optim.Optimizer):
         extra = load_keeping_dtypes(self, state_dict, prefix=_PREFIX, owner=self._name)
         self.step_count = int(extra["step_count"])
         self.skipped_steps = int(extra["skipped_steps"])
+        # Absent from checkpoints written before the positive-definiteness check existed.
+        self.repaired_factors = int(extra.get("repaired_factors", 0))
 
 
 _COMMON_DOC = """
@@ -312,6 +347,10 @@ _COMMON_DOC = """
         Run the second forward/backward pass and the ``H_g``, ``H_a`` and ``A`` updates only
         every ``curvature_every`` steps (always on the first step, which warm-starts ``H_a``);
         the other steps call the closure once and precondition with the current factors.
+    pd_check_every : int or None
+        Every ``pd_check_every`` curvature steps, test ``H_a`` (and a dense ``H_g``) by a
+        Cholesky factorisation and rebuild one that rounding has made indefinite (see the
+        notes); None never tests.
     variant : {None, "convex", "additive"}
         The Levenberg–Marquardt step of the double damping; None picks ``"convex"`` (DD-v1)
         for linear layers and ``"additive"`` (DD-v2) for convolutions. Use ``"additive"`` when
@@ -358,9 +397,17 @@ _NOTES_DOC = """
     A step whose gradients or first-pass statistics hold NaN or inf is skipped: parameters,
     factors, EMAs, momentum and counters stay as they were, :attr:`skipped_steps` grows and a
     ``RuntimeWarning`` says so. A non-finite pair from the second pass is skipped on the
-    device (no synchronisation). ``state_dict`` carries every buffer (``H_a``, ``H_g`` or the
-    L-BFGS memory, ``A``, the pair EMAs, momentum, counters), so a restored run continues bit
-    for bit.
+    device (no synchronisation).
+
+    Over long float32 runs, rank-two updates can round ``H_a`` or a dense ``H_g`` into a
+    matrix that is not positive definite (``spec/kbfgs.md`` §9.6). Every ``pd_check_every``
+    curvature steps each is tested by a Cholesky factorisation (one host synchronisation per
+    layer); a failed ``H_a`` is re-inverted from ``A + √λ I`` (the EMA ``A``, or the batch's
+    for the minibatch variant), a failed ``H_g`` reset to ``I``, with a ``RuntimeWarning``;
+    :attr:`repaired_factors` counts them.
+
+    ``state_dict`` carries every buffer (``H_a``, ``H_g`` or the L-BFGS memory, ``A``, the pair
+    EMAs, momentum, counters), so a restored run continues bit for bit.
 """
 
 
@@ -417,6 +464,7 @@ class KBFGS(_KBFGSBase):
         *,
         a_update: str = "ema",
         curvature_every: int = 1,
+        pd_check_every: int | None = 100,
         variant: str | None = None,
         mu1: float = 0.2,
         a_decay: float = 0.9,
@@ -434,6 +482,7 @@ class KBFGS(_KBFGSBase):
             memory=None,
             a_update=a_update,
             curvature_every=curvature_every,
+            pd_check_every=pd_check_every,
             variant=variant,
             mu1=mu1,
             a_decay=a_decay,
@@ -498,6 +547,7 @@ class KBFGSL(_KBFGSBase):
         memory: int = 100,
         a_update: str = "minibatch",
         curvature_every: int = 1,
+        pd_check_every: int | None = 100,
         variant: str | None = None,
         mu1: float = 0.2,
         a_decay: float = 0.9,
@@ -516,6 +566,7 @@ class KBFGSL(_KBFGSBase):
             memory=memory,
             a_update=a_update,
             curvature_every=curvature_every,
+            pd_check_every=pd_check_every,
             variant=variant,
             mu1=mu1,
             a_decay=a_decay,
