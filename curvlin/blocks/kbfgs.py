@@ -411,6 +411,7 @@ class KBFGSBlock:
         n = _check_examples(n_examples, owner)
         if state.a_updates == 0:
             raise ValueError(f"{owner}.repair: call update_a() first")
+        self._check_rows(x, "repair")
         backend = get_backend(state.h_a)
         xp = backend.xp
         dense_g = not isinstance(state.h_g, LBFGSState)

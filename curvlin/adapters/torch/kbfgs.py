@@ -284,9 +284,10 @@ class _KBFGSBase(torch.optim.Optimizer):
         state, rebuilt = self.blocks[layer].repair(state, x, n_examples=n, damping=damping)
         if rebuilt:
             self.repaired_factors += len(rebuilt)
+            what = {"h_a": "H_a re-inverted from A + √λ I", "h_g": "H_g reset to I"}
             warnings.warn(
                 f"{self._name}: layer {layer!r}: {' and '.join(rebuilt)} no longer positive "
-                f"definite at step {self.step_count}, rebuilt (H_a from (A + √λ I)⁻¹, H_g as I)",
+                f"definite at step {self.step_count}; {', '.join(what[r] for r in rebuilt)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
