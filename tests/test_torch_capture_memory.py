@@ -78,4 +78,4 @@ def test_steps_leave_no_captured_tensor_alive(kind):
         step()
     capture = opt.capture if hasattr(opt, "capture") else opt._engine.capture
     assert sum(len(r) for r in capture.records.values()) == 0
-    assert _live_records() == before  # before the fix: two more per layer and step
+    assert _live_records() <= before  # with the leak: one more per layer and captured pass
