@@ -329,6 +329,7 @@ def test_indefinite_factor_is_rebuilt_on_check_steps(cls):
         warnings.simplefilter("error")
         opt.step(_closure(opt, model, x2, t2))
     assert opt.repaired_factors == 0
+    assert torch.linalg.cholesky_ex(opt.curvature("0").h_a).info != 0  # still indefinite
 
 
 def test_closure_required():
