@@ -868,6 +868,11 @@ def hessian_action_update_minibatch(
     >>> dense = hessian_action_update(np.eye(3), x.T @ x / 8, u, damping=0.1)
     >>> np.allclose(h_new, dense)
     True
+    >>> implicit = hessian_action_update_minibatch(  # the same rows without their column of 1s
+    ...     np.eye(3), x[:, :2], u, n_examples=8, damping=0.1, homogeneous=True
+    ... )
+    >>> np.allclose(implicit, h_new)
+    True
     """
     func = "hessian_action_update_minibatch"
     backend = namespace_of(("h_a", h_a), ("x", x), ("u", u), func=func)

@@ -438,6 +438,10 @@ def test_minibatch_implicit_homogeneous_column(xp, to_xp, dtype, lead, rng):
         to_xp(h, dtype), to_xp(x_bar, dtype), to_xp(u, dtype), **kw
     )
     assert_close(implicit, host(explicit), rtol=RTOL[dtype] * 10, what="implicit [x, 1]")
+    rows = x_bar.reshape(-1, d)  # and the dense float64 reference
+    s_a = h @ u
+    expected = ref_bfgs(h, s_a, (rows.T @ rows / lead[0] + 0.2 * np.eye(d)) @ s_a)
+    assert_close(implicit, expected, rtol=RTOL[dtype] * 10, what="implicit [x, 1] vs dense")
 
 
 def test_minibatch_duplication_invariance(xp, to_xp, to_np, rng):

@@ -405,6 +405,21 @@ class KBFGSBlock:
         -----
         One host synchronisation (to read the two test results), so call it every so many
         steps, not on every step: the optimizers do it every ``pd_check_every`` curvature steps.
+
+        Examples
+        --------
+        >>> import dataclasses
+        >>> import numpy as np
+        >>> from curvlin.blocks import KBFGSBlock
+        >>> x = np.random.default_rng(0).standard_normal((32, 4))
+        >>> block = KBFGSBlock(d_out=3, d_in=4)
+        >>> state = block.update_a(block.init(x), x, n_examples=32, damping=0.3)
+        >>> block.repair(state, x, n_examples=32, damping=0.3)[1]  # healthy: nothing rebuilt
+        ()
+        >>> broken = dataclasses.replace(state, h_a=-state.h_a)  # as if rounding had broken it
+        >>> fixed, rebuilt = block.repair(broken, x, n_examples=32, damping=0.3)
+        >>> rebuilt, np.allclose(fixed.h_a, state.h_a)  # re-inverted from A + √λ I
+        (('h_a',), True)
         """
         owner = type(self).__name__
         lam_a = _sqrt_damping(damping, owner)
