@@ -14,10 +14,10 @@ returns. The modes (the ``mode`` parameter):
 
 ============================ ===============================================================
 ``sgd``                      ``torch.optim.SGD(momentum=0.9)``: the baseline.
-``kfac-empirical``           ``KFAC(fisher="empirical", stats_every=1, inverse_every=1)``.
+``kfac-empirical``           ``KFAC(fisher="empirical", stats_every=1, refresh_every=1)``.
 ``kfac-mc``                  ``KFAC(fisher="mc", loss="bce_with_logits")``, every step: one
                              extra backward (``opt.backward_fisher(output)``) per step.
-``kfac-empirical-amortised`` ``KFAC(fisher="empirical", stats_every=10, inverse_every=100)``.
+``kfac-empirical-amortised`` ``KFAC(fisher="empirical", stats_every=10, refresh_every=100)``.
 ``kfac-mc-amortised``        the same with the sampled Fisher (the extra backward only on the
                              statistics steps).
 ``kbfgs``                    ``KBFGS`` (dense ``H_g``, EMA ``A``), curvature every step: the
@@ -110,8 +110,8 @@ BATCH = 1000
 _CODE_LAYER = SIZES.index(30) - 1  # index of the Linear whose output is the code
 
 #: The amortised schedule (both modes) and the every-step schedule.
-_AMORTISED = {"stats_every": 10, "inverse_every": 100}
-_EVERY = {"stats_every": 1, "inverse_every": 1}
+_AMORTISED = {"stats_every": 10, "refresh_every": 100}
+_EVERY = {"stats_every": 1, "refresh_every": 1}
 
 #: Hyperparameters. Timing does not depend on them as long as every step is a full step: a
 #: step skipped for NaN/inf would make KFAC look cheap (Trainer.check raises), and a Cholesky
@@ -233,10 +233,12 @@ class Trainer:
         import torch
 
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if not hasattr(self.opt, "layer_names"):  # SGD: no curvature
+            return 0.0
         state = 0
-        for slot in self.opt.state.values():
-            for key, value in slot.items():
-                if torch.is_tensor(value) and key != "momentum_buffer" and key != "step":
+        for name in self.opt.layer_names:
+            for value in self.opt.curvature(name).arrays().values():
+                if torch.is_tensor(value):
                     state += value.numel() * value.element_size()
         return state / params
 
@@ -333,17 +335,17 @@ def amortised_step_time(
 
     Returns ``(t_cycle_mean, t_sgd, parts)`` where ``t_cycle_mean`` is
     ``(1 - 1/s)·t_plain + (1/s)·t_stats + t_refresh/r`` for ``stats_every = s`` and
-    ``inverse_every = r`` (a cycle of ``r`` steps has ``r - r/s`` plain steps, ``r/s - 1``
+    ``refresh_every = r`` (a cycle of ``r`` steps has ``r - r/s`` plain steps, ``r/s - 1``
     statistics steps and one statistics step with a refresh), and ``parts`` holds the pieces.
     """
     from curvlin.blocks import Schedule
 
     sched = Schedule(**kfac.schedule_kwargs)
-    s, r = sched.stats_every, sched.inverse_every
+    s, r = sched.stats_every, sched.refresh_every
     if window % s or window >= r:
         raise ValueError(
             f"amortised_step_time: window must be a multiple of stats_every={s} and below "
-            f"inverse_every={r}, got {window}"
+            f"refresh_every={r}, got {window}"
         )
     # Do not time a refresh step inside the window: skip ahead past one if it is near.
     while any(sched.inverse_due(kfac.count + i) for i in range(window)):

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [
-    "README.md",
-    "docs/index.md",
-    "docs/kfac.md",
-    "docs/kbfgs.md",
-    "docs/conventions.md",
-    "docs/backends.md",
-]
+#: Every page with Python code blocks: README.md and the user guide (docs/*.md).
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 
 def _blocks(page: str) -> list[str]:

@@ -165,8 +165,7 @@ def test_repair_rebuilds_indefinite_factors(a_update, xp, to_xp, to_np, rng):
     fresh = np.linalg.inv(x_bar.T @ x_bar / m + math.sqrt(LAM) * np.eye(d_in + 1))
     broken = KBFGSState.from_arrays(
         {**state.arrays(), "h_a": to_xp(-np.eye(d_in + 1)), "h_g": to_xp(np.diag([1.0, -1.0]))},
-        a_updates=state.a_updates,
-        g_updates=state.g_updates,
+        state.counters(),
     )
     new, rebuilt = block.repair(broken, to_xp(x), n_examples=m, damping=LAM)
     assert rebuilt == ("h_a", "h_g")
@@ -177,8 +176,7 @@ def test_repair_rebuilds_indefinite_factors(a_update, xp, to_xp, to_np, rng):
     lstate = lblock.update_a(lblock.init(to_xp(np.zeros(1))), to_xp(x), n_examples=m, damping=LAM)
     lbroken = KBFGSState.from_arrays(
         {**lstate.arrays(), "h_a": to_xp(-np.eye(d_in + 1))},
-        a_updates=lstate.a_updates,
-        g_updates=lstate.g_updates,
+        lstate.counters(),
     )
     new, rebuilt = lblock.repair(lbroken, to_xp(x), n_examples=m, damping=LAM)
     assert rebuilt == ("h_a",)
@@ -212,7 +210,7 @@ def test_dead_pair_skipped(xp, to_xp, to_np):
 def test_state_round_trip():
     for block in (KBFGSBlock(3, 2), KBFGSLBlock(3, 2, memory=4)):
         state = block.init(np.zeros(1))
-        again = KBFGSState.from_arrays(state.arrays(), a_updates=2, g_updates=5)
+        again = KBFGSState.from_arrays(state.arrays(), {"a_updates": 2, "g_updates": 5})
         assert again.a_updates == 2
         assert again.g_updates == 5
         assert isinstance(again.h_g, LBFGSState) == isinstance(state.h_g, LBFGSState)

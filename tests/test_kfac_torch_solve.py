@@ -217,26 +217,28 @@ def test_step_with_kl_clip(kl_clip):
         )
 
 
-def test_heavy_ball_momentum_over_two_steps():
+@pytest.mark.parametrize("form", ["gradient", "direction"])
+def test_heavy_ball_momentum_over_two_steps(form):
+    """``"gradient"``: Δ₂ = P₂(μ g₁ + g₂); ``"direction"``: Δ₂ = μ P₁ g₁ + P₂ g₂."""
     lr, mu = 0.2, 0.9
     model, X, y = _setup("mlp")
     X2 = torch.randn_like(X)
-    opt = KFAC(model, lr=lr, momentum=mu, damping=0.1, decay=0.5)
+    opt = KFAC(model, lr=lr, momentum=mu, damping=0.1, decay=0.5, momentum_form=form)
     mods = _modules(model)
-    directions = []
+    grads, inverses = [], []
     for batch in (X, X2):
         before = _snapshot(model)
         opt.zero_grad()
         _backward(model, batch, y)
         opt.step()
-        directions.append(
-            {
-                name: opt.inverse_operator(name) @ layer_grad_vec(m).numpy()
-                for name, m in mods.items()
-            }
-        )
+        grads.append({name: layer_grad_vec(m).numpy() for name, m in mods.items()})
+        inverses.append({name: opt.inverse_operator(name) for name in mods})
     for name, m in mods.items():
-        expected = -lr * (mu * directions[0][name] + directions[1][name])
+        (p1, p2), (g1, g2) = (inv[name] for inv in inverses), (g[name] for g in grads)
+        if form == "gradient":
+            expected = -lr * (p2 @ (mu * g1 + g2))
+        else:
+            expected = -lr * (mu * (p1 @ g1) + p2 @ g2)
         np.testing.assert_allclose(
             _layer_update(m, before[name]).numpy(), expected, rtol=1e-9, atol=1e-12
         )
@@ -293,9 +295,9 @@ def test_ema_of_factors():
 
 
 def test_stats_and_inverse_schedule():
-    """stats_every=2, inverse_every=3: statistics on steps 0, 2, 4; inverses on 0 and 3."""
+    """stats_every=2, refresh_every=3: statistics on steps 0, 2, 4; inverses on 0 and 3."""
     model, X, y = _setup("mlp")
-    opt = KFAC(model, lr=0.0, momentum=0.0, decay=0.5, stats_every=2, inverse_every=3)
+    opt = KFAC(model, lr=0.0, momentum=0.0, decay=0.5, stats_every=2, refresh_every=3)
     name = opt.layer_names[0]
     seen = []
     for step in range(6):

@@ -76,6 +76,6 @@ def test_steps_leave_no_captured_tensor_alive(kind):
     before = _live_records()
     for _ in range(4):
         step()
-    capture = opt.capture if hasattr(opt, "capture") else opt._engine.capture
+    capture = opt._curv.capture
     assert sum(len(r) for r in capture.records.values()) == 0
     assert _live_records() <= before  # with the leak: one more per layer and captured pass

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from array_api_compat import device as _device
 
@@ -57,6 +58,7 @@ from ..quasi_newton import (
     lbfgs_init,
     lbfgs_push,
 )
+from .base import Block, BlockState, LayerBatch, homogeneous
 
 __all__ = ["KBFGSBlock", "KBFGSLBlock", "KBFGSState"]
 
@@ -65,7 +67,7 @@ _VARIANTS = ("convex", "additive")
 
 
 @dataclass(frozen=True)
-class KBFGSState:
+class KBFGSState(BlockState):
     """State of one layer's K-BFGS block: fixed-shape arrays and host-side counters.
 
     Attributes
@@ -110,9 +112,13 @@ class KBFGSState:
             out["h_g"] = self.h_g
         return out
 
+    def counters(self) -> dict[str, int]:
+        """``{"a_updates": …, "g_updates": …}``."""
+        return {"a_updates": self.a_updates, "g_updates": self.g_updates}
+
     @classmethod
-    def from_arrays(cls, arrays: dict[str, Array], *, a_updates: int, g_updates: int):
-        """Rebuild a state from :meth:`arrays` output and the two counters."""
+    def from_arrays(cls, arrays: dict[str, Array], counters: dict[str, int]) -> KBFGSState:
+        """Rebuild a state from :meth:`arrays` and :meth:`counters` output."""
         if "h_g" in arrays:
             h_g = arrays["h_g"]
         else:
@@ -128,13 +134,13 @@ class KBFGSState:
             s_bar=arrays["s_bar"],
             y_bar=arrays["y_bar"],
             a=arrays.get("a"),
-            a_updates=int(a_updates),
-            g_updates=int(g_updates),
+            a_updates=int(counters["a_updates"]),
+            g_updates=int(counters["g_updates"]),
         )
 
 
 @dataclass(frozen=True)
-class KBFGSBlock:
+class KBFGSBlock(Block):
     """K-BFGS for one Linear or Conv2d layer (dense BFGS ``H_g``), backend-agnostic.
 
     One iteration (``spec/kbfgs.md`` §2), for a batch with input rows ``x`` (without the 1),
@@ -210,6 +216,10 @@ class KBFGSBlock:
     True
     """
 
+    needs: ClassVar[frozenset[str]] = frozenset(
+        {"inputs", "outputs", "output_grads", "second_pass"}
+    )
+
     d_out: int
     d_in: int
     bias: bool = True
@@ -249,11 +259,6 @@ class KBFGSBlock:
         if not self.skip_threshold >= 0.0:
             raise ValueError(f"{name}: skip_threshold must be >= 0, got {self.skip_threshold!r}")
 
-    @property
-    def d_a(self) -> int:
-        """Size of the input-side factor, ``d_in + 1`` with a bias."""
-        return self.d_in + int(self.bias)
-
     # -- state ------------------------------------------------------------------------------
     def init(self, like: Array, /, *, dtype=None) -> KBFGSState:
         """``H_a = I``, ``H_g = I`` (or an empty L-BFGS memory), zero EMAs and ``A``.
@@ -283,11 +288,7 @@ class KBFGSBlock:
     def homogeneous(self, x: Array, /) -> Array:
         """Input rows ``x`` of shape (R, d_in) as ``x̄`` of shape (R, d_a) (a 1 appended if bias)."""
         self._check_rows(x, "homogeneous")
-        if not self.bias:
-            return x
-        xp = get_backend(x).xp
-        ones = xp.ones((x.shape[0], 1), dtype=x.dtype, device=_device(x))
-        return xp.concat([x, ones], axis=1)
+        return homogeneous(x, bias=self.bias)
 
     def _check_rows(self, x: Array, /, method: str) -> None:
         namespace_of(("x", x), func=f"{type(self).__name__}.{method}")
@@ -298,6 +299,8 @@ class KBFGSBlock:
 
     def update_a(self, state: KBFGSState, x: Array, /, *, n_examples: int, damping) -> KBFGSState:
         """Step 3: fold the batch's ``A = (1/n_examples) X̄ᵀX̄`` in; warm-start ``H_a`` once.
+
+        The same as :meth:`fold` of :meth:`statistics` for a batch with these inputs.
 
         Parameters
         ----------
@@ -318,23 +321,80 @@ class KBFGSBlock:
             explicit inversion; in the minibatch variant ``A`` is then dropped). Later calls
             update the EMA of ``A`` (``"ema"``) or only the counter (``"minibatch"``).
         """
-        lam_a = _sqrt_damping(damping, type(self).__name__)
-        n = _check_examples(n_examples, type(self).__name__)
+        batch = LayerBatch(inputs=x, n_examples=n_examples)
+        return self.fold(state, self.statistics(state, batch), damping=damping)
+
+    def statistics(self, state: KBFGSState, batch: LayerBatch, /) -> dict[str, Array]:
+        """``{"a": (1/N) X̄ᵀX̄}`` when it is used (EMA variant, or the first batch); else ``{}``.
+
+        The minibatch variant needs ``A`` only for the warm start: afterwards its Hessian
+        action uses the rows matrix-free in :meth:`second_pass`.
+        """
+        owner = type(self).__name__
+        _check_examples(batch.n_examples, owner)
+        if batch.inputs is None:
+            raise ValueError(f"{owner}.statistics: the batch needs inputs")
+        if self.a_update == "minibatch" and state.a_updates > 0:  # a host counter
+            self._check_rows(batch.inputs, "statistics")
+            return {}
         backend = get_backend(state.h_a)
-        xp = backend.xp
-        first = state.a_updates == 0  # a host counter
-        if self.a_update == "minibatch" and not first:
+        xb = _cast(backend.xp, self.homogeneous(batch.inputs), state.h_a.dtype)
+        return {"a": backend.gram(xb, scale=1.0 / batch.n_examples)}
+
+    def fold(self, state: KBFGSState, stats: dict[str, Array], /, *, damping) -> KBFGSState:
+        """EMA of ``A`` (first batch: ``H_a ← (A + √λ I)⁻¹``); counts the batch."""
+        lam_a = _sqrt_damping(damping, type(self).__name__)
+        if "a" not in stats:
             return replace(state, a_updates=state.a_updates + 1)
-        xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
-        if first:
-            a_batch = backend.gram(xb, scale=1.0 / n)
+        a_batch = stats["a"]
+        if state.a_updates == 0:
             h_a = spd_inverse(a_batch, damping=lam_a)
             a = a_batch if self.a_update == "ema" else None
             return replace(state, h_a=h_a, a=a, a_updates=1)
         beta = self.a_decay
-        # (1 − β) rides on the Gram product's scale: one pass over A fewer.
-        a = beta * state.a + backend.gram(xb, scale=(1.0 - beta) / n)
+        a = beta * state.a + (1.0 - beta) * a_batch
         return replace(state, a=a, a_updates=state.a_updates + 1)
+
+    def second_pass(
+        self, state: KBFGSState, batch: LayerBatch, batch_plus: LayerBatch, /, *, damping
+    ) -> KBFGSState:
+        """Steps 5–7: the pair from the two passes, the ``H_g`` update, the ``H_a`` update.
+
+        ``batch`` holds inputs, outputs ``h`` and output gradients ``g`` at ``θ_k``;
+        ``batch_plus`` the outputs ``h⁺`` and output gradients ``g⁺`` on the same rows at
+        ``θ_{k+1}`` (same ``grad_scale``).
+        """
+        s, y = self.pair(
+            batch.outputs, batch_plus.outputs, batch.output_grads, batch_plus.output_grads
+        )
+        xp = get_backend(s).xp
+        scale = batch.grad_scale
+        g_mean = xp.mean(batch.output_grads, axis=0)
+        if scale != 1.0:  # per-example scale on the means, not on every row
+            y, g_mean = y * scale, g_mean * scale
+        state = self.update_g(state, s, y, g_mean, damping=damping)
+        return self.update_h_a(state, batch.inputs, n_examples=batch.n_examples, damping=damping)
+
+    def check(
+        self, state: KBFGSState, batch: LayerBatch, /, *, damping
+    ) -> tuple[KBFGSState, tuple[str, ...]]:
+        """:meth:`repair` with this batch's inputs."""
+        return self.repair(state, batch.inputs, n_examples=batch.n_examples, damping=damping)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every array a :class:`KBFGSState` of this block may hold."""
+        p = self.memory or 0
+        return {
+            "h_a": (self.d_a, self.d_a),
+            "a": (self.d_a, self.d_a),
+            "s_bar": (self.d_out,),
+            "y_bar": (self.d_out,),
+            "h_g": (self.d_out, self.d_out),
+            "lbfgs_s": (p, self.d_out),
+            "lbfgs_y": (p, self.d_out),
+            "lbfgs_rho": (p,),
+            "lbfgs_valid": (p,),
+        }
 
     def update_h_a(self, state: KBFGSState, x: Array, /, *, n_examples: int, damping) -> KBFGSState:
         """Step 7: the Hessian-action BFGS update of ``H_a`` from the batch's mean input.
@@ -530,38 +590,17 @@ class KBFGSBlock:
         return replace(state, h_g=h_g, s_bar=s_bar, y_bar=y_bar, g_updates=state.g_updates + 1)
 
     # -- direction --------------------------------------------------------------------------
-    def precondition(self, state: KBFGSState, grad_w: Array, grad_b: Array | None = None, /):
-        """The direction ``P = H_g M H_a`` for ``M = [grad_w, grad_b]``, split into ``(dW, db)``.
-
-        ``grad_w`` has shape (d_out, d_in); ``grad_b`` shape (d_out,) exactly when the layer has
-        a bias. For K-BFGS, ``M`` is the momentum of the gradient plus weight decay. The result
-        has the gradients' dtype; ``db`` is None without a bias.
-        """
-        func = f"{type(self).__name__}.precondition"
-        if tuple(grad_w.shape) != (self.d_out, self.d_in):
-            raise ValueError(
-                f"{func}: grad_w must have shape ({self.d_out}, {self.d_in}), "
-                f"got {tuple(grad_w.shape)}"
-            )
-        if (grad_b is not None) != self.bias or (
-            grad_b is not None and tuple(grad_b.shape) != (self.d_out,)
-        ):
-            want = f"shape ({self.d_out},)" if self.bias else "None (the layer has no bias)"
-            got = None if grad_b is None else tuple(grad_b.shape)
-            raise ValueError(f"{func}: grad_b must be {want}, got {got}")
-        xp = get_backend(grad_w).xp
-        work = state.h_a.dtype
-        mat = _cast(xp, grad_w, work)
-        if self.bias:
-            mat = xp.concat([mat, _cast(xp, grad_b, work)[:, None]], axis=1)
+    def _precondition(self, state: KBFGSState, grad: Array, /) -> Array:
+        """``P = H_g M H_a`` for the ``(d_out, d_a)`` matrix ``M`` (momentum plus weight decay)."""
         if isinstance(state.h_g, LBFGSState):
-            left = lbfgs_apply(state.h_g, mat, method=self.lbfgs_method)
+            left = lbfgs_apply(state.h_g, grad, method=self.lbfgs_method)
         else:
-            left = state.h_g @ mat
-        direction = _cast(xp, left @ state.h_a, grad_w.dtype)
-        if self.bias:
-            return direction[:, : self.d_in], direction[:, self.d_in]
-        return direction, None
+            left = state.h_g @ grad
+        return left @ state.h_a
+
+    def work_dtype(self, state: KBFGSState, /):
+        """The factors' dtype."""
+        return state.h_a.dtype
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ For a linear layer ``R = N``; for a convolution with ``T`` output positions ``R 
 puts the spatial ``1/T`` on ``A`` (curvlinops' "expand" convention; the product ``G ⊗ A`` is the
 same under every placement of ``1/T``, the π-split of the damping is not).
 
-The block is pure: :meth:`KFACBlock.init` makes a :class:`KFACState`, :meth:`~KFACBlock.update`
-and :meth:`~KFACBlock.refresh` return new states, :meth:`~KFACBlock.precondition` returns a
-direction. Arrays come from any backend.
+The block is pure and follows the :class:`~curvlin.blocks.Block` protocol: :meth:`KFACBlock.init`
+makes a :class:`KFACState`, :meth:`~KFACBlock.fold` and :meth:`~KFACBlock.refresh` return new
+states, :meth:`~KFACBlock.precondition` returns a direction. Arrays come from any backend.
 
 References
 ----------
@@ -26,16 +26,20 @@ for convolution layers" (KFC); ``spec/tnt_mbf_smw_kfac.md`` §4.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from array_api_compat import device as _device
 
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..kron import KronFactorization, _apply, kron_factorize
+from .base import Block, BlockState, LayerBatch, homogeneous
 
 __all__ = ["KFACBlock", "KFACState"]
 
 
 @dataclass(frozen=True)
-class KFACState:
+class KFACState(BlockState):
     """State of one layer's KFAC block: fixed-shape arrays and a host-side counter.
 
     Attributes
@@ -68,9 +72,13 @@ class KFACState:
                 out.update(eig_scale=inv.scale)
         return out
 
+    def counters(self) -> dict[str, int]:
+        """The number of statistics folded in, ``{"updates": n}``."""
+        return {"updates": self.updates}
+
     @classmethod
-    def from_arrays(cls, arrays: dict[str, Array], updates: int) -> KFACState:
-        """Rebuild a state from :meth:`arrays` output and the update counter."""
+    def from_arrays(cls, arrays: dict[str, Array], counters: dict[str, int]) -> KFACState:
+        """Rebuild a state from :meth:`arrays` and :meth:`counters` output."""
         inverse = None
         if "g_inv" in arrays:
             inverse = KronFactorization(
@@ -81,12 +89,12 @@ class KFACState:
             inverse = KronFactorization(
                 eigenvectors=(arrays["g_eigvecs"], arrays["a_eigvecs"]), scale=arrays["eig_scale"]
             )
-        return cls(g=arrays["g"], a=arrays["a"], updates=int(updates), inverse=inverse)
+        return cls(g=arrays["g"], a=arrays["a"], updates=int(counters["updates"]), inverse=inverse)
 
 
 @dataclass(frozen=True)
-class KFACBlock:
-    """KFAC for one Linear or Conv2d layer, backend-agnostic.
+class KFACBlock(Block):
+    """KFAC for one Linear or Conv2d layer, backend-agnostic (the :class:`Block` protocol).
 
     Parameters
     ----------
@@ -98,26 +106,34 @@ class KFACBlock:
     decay : float
         EMA decay ``ε`` of the factors, ``F ← ε F + (1 − ε) F_batch``; the first update takes the
         batch estimate as is. ``decay = 0`` keeps only the last batch.
+    exact : bool
+        False: π-split damping ``(G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹``; True: the exact
+        ``(G ⊗ A + λI)⁻¹`` through eigendecompositions.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from curvlin.blocks import KFACBlock
+    >>> from curvlin.blocks import KFACBlock, LayerBatch
     >>> rng = np.random.default_rng(0)
     >>> block = KFACBlock(d_out=3, d_in=4, bias=True)
     >>> state = block.init(np.zeros(0))
-    >>> a, g = rng.standard_normal((32, 4)), rng.standard_normal((32, 3))
-    >>> state = block.update(state, a, g, n_examples=32)
+    >>> batch = LayerBatch(
+    ...     inputs=rng.standard_normal((32, 4)), output_grads=rng.standard_normal((32, 3)),
+    ...     n_examples=32)
+    >>> state = block.fold(state, block.statistics(state, batch), damping=1e-3)
     >>> state = block.refresh(state, damping=1e-3)
     >>> dw, db = block.precondition(state, np.ones((3, 4)), np.ones(3))
     >>> dw.shape, db.shape
     ((3, 4), (3,))
     """
 
+    needs: ClassVar[frozenset[str]] = frozenset({"inputs", "output_grads"})
+
     d_out: int
     d_in: int
     bias: bool = True
     decay: float = 0.95
+    exact: bool = False
 
     def __post_init__(self):
         for name in ("d_out", "d_in"):
@@ -126,11 +142,8 @@ class KFACBlock:
                 raise ValueError(f"KFACBlock: {name} must be a positive int, got {value!r}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"KFACBlock: decay must be in [0, 1), got {self.decay!r}")
-
-    @property
-    def d_a(self) -> int:
-        """Size of the input-side factor, ``d_in + 1`` with a bias."""
-        return self.d_in + int(self.bias)
+        if not isinstance(self.exact, bool):
+            raise TypeError(f"KFACBlock: exact must be a bool, got {self.exact!r}")
 
     def init(self, like: Array, /, *, dtype=None) -> KFACState:
         """Zero factors (no inverse until the first refresh).
@@ -138,30 +151,24 @@ class KFACBlock:
         ``like`` is any array (typically the layer's weight) whose library and device the state
         uses; ``dtype`` defaults to its dtype.
         """
-        from array_api_compat import device
-
         xp = get_backend(like).xp
         dtype = like.dtype if dtype is None else dtype
+        dev = _device(like)
         return KFACState(
-            g=xp.zeros((self.d_out, self.d_out), dtype=dtype, device=device(like)),
-            a=xp.zeros((self.d_a, self.d_a), dtype=dtype, device=device(like)),
+            g=xp.zeros((self.d_out, self.d_out), dtype=dtype, device=dev),
+            a=xp.zeros((self.d_a, self.d_a), dtype=dtype, device=dev),
         )
 
-    def statistics(self, a: Array, g: Array, /, *, n_examples: int) -> tuple[Array, Array]:
-        """One batch's factors ``(G, A)`` from input rows ``a`` and output-gradient rows ``g``.
+    def statistics(self, state: KFACState, batch: LayerBatch, /) -> dict[str, Array]:
+        """One batch's factors ``{"g": G, "a": A}``, in the state's dtype.
 
-        Parameters
-        ----------
-        a : array, shape (R, d_in)
-            Layer inputs, one row per example (or example and spatial position); without the
-            homogeneous 1, which is appended here when the layer has a bias.
-        g : array, shape (R, d_out)
-            Per-example output gradients on the same rows.
-        n_examples : int
-            ``N``, the number of examples the ``R`` rows come from.
+        ``A = (1/R) Σ_r ā_r ā_rᵀ`` over the ``R`` input rows (``ā = [a, 1]`` with a bias) and
+        ``G = (1/N) Σ_r δ_r δ_rᵀ`` over the output-gradient rows, ``N = batch.n_examples``.
         """
-        backend = namespace_of(("a", a), ("g", g), func="KFACBlock.statistics")
-        xp = backend.xp
+        a, g = batch.inputs, batch.output_grads
+        if a is None or g is None:
+            raise ValueError("KFACBlock.statistics: the batch needs inputs and output_grads")
+        backend = namespace_of(("inputs", a), ("output_grads", g), func="KFACBlock.statistics")
         if (
             a.ndim != 2
             or a.shape[1] != self.d_in
@@ -169,31 +176,24 @@ class KFACBlock:
             or g.shape != (a.shape[0], self.d_out)
         ):
             raise ValueError(
-                f"KFACBlock.statistics: expected a of shape (R, {self.d_in}) and g of shape "
-                f"(R, {self.d_out}), got a {tuple(a.shape)} and g {tuple(g.shape)}"
+                f"KFACBlock.statistics: expected inputs of shape (R, {self.d_in}) and "
+                f"output_grads of shape (R, {self.d_out}), got {tuple(a.shape)} and "
+                f"{tuple(g.shape)}"
             )
-        if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
-            raise ValueError(
-                f"KFACBlock.statistics: n_examples must be a positive int, got {n_examples!r}"
-            )
-        rows = a.shape[0]
-        if self.bias:
-            from array_api_compat import device
+        n = _positive_int(batch.n_examples, "n_examples", "KFACBlock.statistics")
+        xp = backend.xp
+        dtype = state.g.dtype
+        a = homogeneous(_cast(xp, a, dtype), bias=self.bias)
+        return {
+            "g": backend.gram(_cast(xp, g, dtype), scale=batch.grad_scale**2 / n),
+            "a": backend.gram(a, scale=1.0 / a.shape[0]),
+        }
 
-            ones = xp.ones((rows, 1), dtype=a.dtype, device=device(a))
-            a = xp.concat([a, ones], axis=1)
-        return backend.gram(g, scale=1.0 / n_examples), backend.gram(a, scale=1.0 / rows)
-
-    def update(self, state: KFACState, a: Array, g: Array, /, *, n_examples: int) -> KFACState:
-        """Fold one batch's statistics into the factors' EMA (see :meth:`statistics`)."""
-        g_new, a_new = self.statistics(a, g, n_examples=n_examples)
-        return self.fold(state, g_new, a_new)
-
-    def fold(self, state: KFACState, g_new: Array, a_new: Array, /) -> KFACState:
-        """EMA of the factors with one batch's ``(G, A)``; the first batch is taken as is."""
-        xp = get_backend(g_new).xp
-        g_new = xp.astype(g_new, state.g.dtype, copy=False)
-        a_new = xp.astype(a_new, state.a.dtype, copy=False)
+    def fold(self, state: KFACState, stats: dict[str, Array], /, *, damping=None) -> KFACState:
+        """EMA of the factors with one batch's ``{"g": G, "a": A}``; the first is taken as is."""
+        xp = get_backend(stats["g"]).xp
+        g_new = _cast(xp, stats["g"], state.g.dtype)
+        a_new = _cast(xp, stats["a"], state.a.dtype)
         if state.updates == 0:  # a host-side counter: no synchronisation
             return replace(state, g=g_new, a=a_new, updates=1)
         eps = self.decay
@@ -204,46 +204,42 @@ class KFACBlock:
             updates=state.updates + 1,
         )
 
-    def refresh(self, state: KFACState, /, *, damping, exact: bool = False) -> KFACState:
-        """Recompute the damped inverse from the current factors.
+    def refresh(self, state: KFACState, /, *, damping) -> KFACState:
+        """Recompute the damped inverse (π-split or exact, see ``exact``) from the factors.
 
-        ``exact=False`` uses π-split damping ``(G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹``;
-        ``exact=True`` the exact ``(G ⊗ A + λI)⁻¹`` through eigendecompositions.
+        Before the first statistics there is nothing to invert and the state is returned as is.
         """
-        if state.updates == 0:
-            raise ValueError("KFACBlock.refresh: no statistics yet; call update() first")
         check_damping(damping, "damping", "KFACBlock.refresh")
-        inverse = kron_factorize([state.g, state.a], damping=damping, exact=exact)
+        if state.updates == 0:
+            return state
+        inverse = kron_factorize([state.g, state.a], damping=damping, exact=self.exact)
         return replace(state, inverse=inverse)
 
-    def precondition(self, state: KFACState, grad_w: Array, grad_b: Array | None = None, /):
-        """The direction ``(G ⊗ A + damping)⁻¹ vec([∇W, ∇b])``, split back into ``(dW, db)``.
+    def ready(self, state: KFACState, /) -> bool:
+        """Whether an inverse exists (after the first :meth:`refresh` with statistics)."""
+        return state.inverse is not None
 
-        ``grad_w`` has shape (d_out, d_in); ``grad_b`` shape (d_out,) exactly when the layer has
-        a bias. The result has the gradients' dtype; ``db`` is None without a bias.
-        """
-        if state.inverse is None:
-            raise ValueError("KFACBlock.precondition: no inverse yet; call refresh() first")
-        if tuple(grad_w.shape) != (self.d_out, self.d_in):
-            raise ValueError(
-                f"KFACBlock.precondition: grad_w must have shape ({self.d_out}, {self.d_in}), "
-                f"got {tuple(grad_w.shape)}"
-            )
-        if (grad_b is not None) != self.bias or (
-            grad_b is not None and tuple(grad_b.shape) != (self.d_out,)
-        ):
-            want = f"shape ({self.d_out},)" if self.bias else "None (the layer has no bias)"
-            got = None if grad_b is None else tuple(grad_b.shape)
-            raise ValueError(f"KFACBlock.precondition: grad_b must be {want}, got {got}")
-        xp = get_backend(grad_w).xp
-        work = state.g.dtype
-        mat = xp.astype(grad_w, work, copy=False)
-        if self.bias:
-            mat = xp.concat([mat, xp.astype(grad_b, work, copy=False)[:, None]], axis=1)
-        direction = xp.astype(_solve(state.inverse, mat), grad_w.dtype, copy=False)
-        if self.bias:
-            return direction[:, : self.d_in], direction[:, self.d_in]
-        return direction, None
+    def _precondition(self, state: KFACState, grad: Array, /) -> Array:
+        return _solve(state.inverse, grad)
+
+    def work_dtype(self, state: KFACState, /):
+        """The factors' dtype."""
+        return state.g.dtype
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every array a :class:`KFACState` of this block may hold."""
+        go, ga = (self.d_out, self.d_out), (self.d_a, self.d_a)
+        return {
+            "g": go,
+            "a": ga,
+            "g_inv": go,
+            "a_inv": ga,
+            "g_damping": (),
+            "a_damping": (),
+            "g_eigvecs": go,
+            "a_eigvecs": ga,
+            "eig_scale": (self.d_out, self.d_a),
+        }
 
     def curvature_operator(self, state: KFACState, /):
         """``G ⊗ A`` as a SciPy ``LinearOperator`` on row-major ``vec([W, b])`` (host copy).
@@ -258,6 +254,16 @@ class KFACBlock:
         if state.inverse is None:
             raise ValueError("KFACBlock.inverse_operator: no inverse yet; call refresh() first")
         return _kron_operator(None, inverse=state.inverse)
+
+
+def _positive_int(value, name: str, func: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{func}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _cast(xp, a: Array, dtype) -> Array:
+    return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
 def _kron_operator(factors, *, inverse):

@@ -1,9 +1,10 @@
-"""The torch adapter: layer capture, KFAC and K-BFGS optimizers, KFAC preconditioner, sampling.
+"""The torch adapter: the engine, every method's optimizer front, the preconditioner, capture.
 
 Importing this subpackage imports torch; ``import curvlin`` alone never does.
 """
 
-from ._capture import LayerCapture, find_layers
+from ._capture import UNSUPPORTED, LayerCapture, find_layers
+from ._engine import MOMENTUM_FORMS, Curvature, CurvatureOptimizer, Preconditioner
 from ._layers import Conv2dHandler, LayerHandler, LinearHandler, handler_for, register_layer
 from ._sampling import LOSSES, sample_output_grad
 from .kbfgs import KBFGS, KBFGSL
@@ -14,11 +15,16 @@ __all__ = [
     "KBFGSL",
     "KFAC",
     "LOSSES",
+    "MOMENTUM_FORMS",
+    "UNSUPPORTED",
     "Conv2dHandler",
+    "Curvature",
+    "CurvatureOptimizer",
     "KFACPreconditioner",
     "LayerCapture",
     "LayerHandler",
     "LinearHandler",
+    "Preconditioner",
     "find_layers",
     "handler_for",
     "register_layer",

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._layers import LayerHandler, handler_for
 
-__all__ = ["LayerCapture", "Record", "find_layers"]
+__all__ = ["UNSUPPORTED", "LayerCapture", "Record", "check_unsupported", "find_layers"]
 
 
 class Record:
@@ -30,36 +30,70 @@ class Record:
         self.grad: torch.Tensor | None = None
 
 
+#: What ``unsupported=`` accepts besides a torch optimizer factory.
+UNSUPPORTED = ("error", "sgd", "adam")
+
+
+def check_unsupported(unsupported, owner: str = "curvlin") -> None:
+    """``unsupported`` must be one of :data:`UNSUPPORTED` or a callable optimizer factory."""
+    if not (callable(unsupported) or unsupported in UNSUPPORTED):
+        raise ValueError(
+            f"{owner}: unsupported must be one of {UNSUPPORTED} or a callable that makes a torch "
+            f"optimizer from a list of parameters, got {unsupported!r}"
+        )
+
+
 def find_layers(
-    model: nn.Module, *, unsupported: str = "error"
+    model: nn.Module, *, unsupported="error", owner: str = "curvlin"
 ) -> tuple[dict[str, LayerHandler], list[nn.Parameter]]:
     """Supported layers by name, and the trainable parameters outside them.
 
-    With ``unsupported="error"`` a trainable parameter outside a supported layer raises a
-    ValueError listing them; with ``"sgd"`` they are returned for a plain update.
+    A layer is supported when a handler is registered for its type (``nn.Linear``,
+    ``nn.Conv2d``, ...) and its weight is trainable. Two exceptions are never claimed: the
+    projections inside ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear whose weight is
+    used without calling the module, so no hook would ever see it), and layers whose weight or
+    bias is shared with another layer (they raise: one curvature per weight is all a block
+    can hold). With ``unsupported="error"`` a trainable parameter outside a supported layer
+    raises a ValueError listing them; otherwise they are returned for the fallback update.
     """
-    if unsupported not in ("error", "sgd"):
-        raise ValueError(f"unsupported must be 'error' or 'sgd', got {unsupported!r}")
+    check_unsupported(unsupported, owner)
+    inside_attention = {
+        id(sub)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for sub in module.modules()
+        if sub is not module
+    }
     layers: dict[str, LayerHandler] = {}
-    covered: set[int] = set()
-    for name, module in model.named_modules():
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():  # a module registered twice comes once
+        if id(module) in inside_attention:
+            continue
         handler = handler_for(module)
         if handler is None or not module.weight.requires_grad:
             continue
+        for p in module.parameters(recurse=False):
+            if id(p) in owners:
+                raise ValueError(
+                    f"{owner}: layers {owners[id(p)]!r} and {name!r} share a parameter of shape "
+                    f"{tuple(p.shape)}; a shared weight cannot carry two curvatures. Use one "
+                    "module called twice, or freeze one of them"
+                )
+            owners[id(p)] = name
         layers[name] = handler
-        covered.update(id(p) for p in module.parameters(recurse=False))
     others = [
-        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in owners
     ]
     if others and unsupported == "error":
         names = ", ".join(f"{n} {tuple(p.shape)}" for n, p in others)
         raise ValueError(
-            f"curvlin: trainable parameters outside supported layers (Linear, Conv2d and "
-            f"registered types): {names}. Pass unsupported='sgd' to give them the plain "
-            "momentum-SGD update, freeze them, or register a handler for their layer type"
+            f"{owner}: trainable parameters outside supported layers (Linear, Conv2d and "
+            f"registered types): {names}. Pass unsupported='sgd', 'adam' or an optimizer "
+            "factory to give them a first-order update, freeze them, or register a handler "
+            "for their layer type"
         )
     if not layers:
-        raise ValueError("curvlin: the model has no supported layer (Linear, Conv2d, ...)")
+        raise ValueError(f"{owner}: the model has no supported layer (Linear, Conv2d, ...)")
     return layers, [p for _, p in others]
 
 

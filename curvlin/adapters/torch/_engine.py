@@ -1,0 +1,913 @@
+"""The torch engine: one way to run every curvlin method on a torch model.
+
+:class:`Curvature` connects a model to a :class:`curvlin.blocks.Driver`: hooks and capture,
+the sampled Fisher's extra backward, the second pass, the per-layer rows handed to the blocks,
+and the ``"curvlin"`` entry of a checkpoint. :class:`CurvatureOptimizer` is the
+``torch.optim.Optimizer`` every method's front derives from (parameter groups, closures,
+momentum, weight decay, step control, the fallback for unsupported parameters, the non-finite
+skip, ``state_dict``); :class:`Preconditioner` runs any method in front of another optimizer.
+A front only says which block each layer gets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ...blocks import Block, Driver, LayerBatch, Schedule
+from ._capture import LayerCapture, check_unsupported, find_layers
+from ._layers import LayerHandler
+from ._sampling import LOSSES, REDUCTIONS, sample_output_grad
+
+__all__ = ["MOMENTUM_FORMS", "Curvature", "CurvatureOptimizer", "Preconditioner"]
+
+#: ``"gradient"``: ``M ← μ M + g`` on the gradient, then ``θ ← θ − lr·P(M)``. ``"direction"``:
+#: ``v ← μ v + P(g)``, ``θ ← θ − lr·v`` on the preconditioned direction (torch's SGD applied to
+#: ``P(g)``). Both are torch's heavy-ball accumulation; they differ in where ``P`` acts.
+MOMENTUM_FORMS = ("gradient", "direction")
+FISHERS = ("empirical", "mc")
+
+#: The ``"curvlin"`` entry's layout version in every state_dict.
+STATE_FORMAT = 1
+
+BlockFactory = Callable[[str, LayerHandler], Block]
+
+
+def check_hyper(owner: str, **values) -> None:
+    """Hyperparameters: finite numbers in their range, with errors that name them."""
+    rules = {
+        "lr": (lambda v: v >= 0, ">= 0"),
+        "damping": (lambda v: v > 0, "> 0"),
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "kl_clip": (lambda v: v > 0, "> 0 or None"),
+    }
+    for name, value in values.items():
+        if name == "kl_clip" and value is None:
+            continue
+        test, want = rules[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not test(value)
+        ):
+            raise ValueError(f"{owner}: {name} must be a finite number {want}, got {value!r}")
+
+
+def default_factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Curvature dtype for parameters of ``dtype``: their own, float32 for half precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Curvature:
+    """A model's supported layers, their blocks on one driver, and the capture that feeds them.
+
+    Parameters
+    ----------
+    model : nn.Module
+    make_block : callable ``(name, handler) -> Block``
+        The method: which block each layer gets.
+    owner : str
+        The front's name, for messages and checkpoints.
+    stats_every, refresh_every, check_every
+        The :class:`~curvlin.blocks.Schedule`.
+    fisher : {"empirical", "mc"}
+        Where output gradients come from: the ordinary ``loss.backward()``, or the sampled
+        Fisher's extra backward (:meth:`backward_fisher`).
+    loss, loss_reduction, seed
+        The loss (for sampling), how it reduces, and the sampling seed.
+    factor_dtype : torch.dtype, optional
+    unsupported : {"error", "sgd", "adam"} or callable
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        make_block: BlockFactory,
+        *,
+        owner: str,
+        stats_every: int = 1,
+        refresh_every: int = 1,
+        check_every: int | None = None,
+        fisher: str = "empirical",
+        loss: str | None = None,
+        loss_reduction: str = "mean",
+        factor_dtype: torch.dtype | None = None,
+        unsupported="error",
+        seed: int = 0,
+    ):
+        if fisher not in FISHERS:
+            raise ValueError(f"{owner}: fisher must be one of {FISHERS}, got {fisher!r}")
+        if fisher == "mc" and loss not in LOSSES:
+            raise ValueError(f"{owner}: fisher='mc' needs loss, one of {LOSSES}; got {loss!r}")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(
+                f"{owner}: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}"
+            )
+        if factor_dtype is not None and not (
+            isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"{owner}: factor_dtype must be a floating torch.dtype, got {factor_dtype!r}"
+            )
+        check_unsupported(unsupported, owner)
+        schedule = Schedule(
+            stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
+        )
+        self.owner, self.fisher, self.loss, self.loss_reduction = (
+            owner,
+            fisher,
+            loss,
+            loss_reduction,
+        )
+        self.layers, self.other_params = find_layers(model, unsupported=unsupported, owner=owner)
+        #: Parameter names as in ``model.named_parameters()``, by ``id``, for messages.
+        self.param_names = {id(p): name for name, p in model.named_parameters()}
+        blocks, states = {}, {}
+        for name, handler in self.layers.items():
+            block = make_block(name, handler)
+            weight = handler.weight.detach()
+            dtype = factor_dtype or default_factor_dtype(weight.dtype)
+            blocks[name], states[name] = block, block.init(weight, dtype=dtype)
+        self.driver = Driver(blocks, states, schedule=schedule, owner=owner)
+        self.needs = self.driver.needs
+        self.capture = LayerCapture(self.layers, root=model)
+        self.capture.capture_grads = fisher == "empirical"
+        #: Layers captured at least once (or restored from a checkpoint).
+        self.seen: set[str] = set()
+        device = next(iter(self.layers.values())).weight.device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.arm()
+
+    # -- capture ---------------------------------------------------------------------------
+    @property
+    def second_pass_due(self) -> bool:
+        return "second_pass" in self.needs and self.driver.stats_due()
+
+    def arm(self) -> None:
+        """Forget what was recorded; record the next passes only if the next step needs them."""
+        self.capture.clear()
+        self.capture.root_outputs = False
+        self.capture.active = self.driver.stats_due()
+
+    def backward_fisher(self, output: torch.Tensor) -> None:
+        """The sampled Fisher's extra backward: labels drawn from ``output``, δ captured."""
+        if self.fisher != "mc":
+            raise RuntimeError(
+                f"{self.owner}: backward_fisher() is for fisher='mc'; the empirical Fisher uses "
+                "the gradients of the ordinary loss.backward()"
+            )
+        if not self.capture.active:
+            return  # not a statistics step: nothing to sample
+        records = [
+            r
+            for recs in self.capture.records.values()
+            for r in recs
+            if r.output is not None and r.output.requires_grad
+        ]
+        if not records:
+            raise RuntimeError(
+                f"{self.owner}: backward_fisher(): no layer was recorded in the forward pass; "
+                "run the model in training mode with gradients enabled"
+            )
+        delta = sample_output_grad(
+            output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
+        )
+        grads = torch.autograd.grad(
+            output,
+            [r.output for r in records],
+            grad_outputs=delta,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for record, grad in zip(records, grads):
+            record.grad = grad  # None for a forward pass that did not lead to ``output``
+
+    def first_batches(self) -> dict[str, LayerBatch] | None:
+        """This step's batches if it gathers statistics (None otherwise, or once the hooks
+        are removed: the last curvature then stays in use)."""
+        if not self.driver.stats_due() or self.capture.removed:
+            return None
+        return self.collect()
+
+    def collect(self, *, plus: bool = False) -> dict[str, LayerBatch]:
+        """This step's rows per recorded layer, as the blocks need them; clears the capture.
+
+        Raises if a statistics step recorded no layer with its output gradient.
+        """
+        batches = {}
+        sampled = self.fisher == "mc" and not plus
+        examples = self.capture.examples
+        for name, recorded in self.capture.records.items():
+            # Forward passes whose output never reached a backward (an extra evaluation with
+            # gradients on, say) have no gradient and are left out.
+            records = [r for r in recorded if r.grad is not None]
+            if not records:
+                continue
+            handler, needs = self.layers[name], self.driver.blocks[name].needs
+            n = examples or sum(handler.n_examples(r.input) for r in records)
+            mean = self.loss_reduction != "sum"
+            batches[name] = LayerBatch(
+                inputs=_cat([handler.input_rows(r.input) for r in records])
+                if "inputs" in needs and not plus
+                else None,
+                outputs=_cat([handler.output_rows(r.output.detach()) for r in records])
+                if "outputs" in needs
+                else None,
+                output_grads=_cat([handler.output_rows(r.grad) for r in records]),
+                n_examples=n if mean else 1,
+                # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
+                grad_scale=float(n) if mean and not sampled else 1.0,
+            )
+        self.capture.clear()
+        if not batches:
+            how = "opt.backward_fisher(output)" if self.fisher == "mc" and not plus else "backward"
+            raise RuntimeError(
+                f"{self.owner}: no layer was captured with its output gradient on a statistics "
+                "step: run the forward pass in training mode (model.train()) with gradients "
+                f"enabled, then {how}, before step()"
+                + (" (in the closure's second call)" if plus else "")
+            )
+        return batches
+
+    def run_closure(self, closure, *, second: bool = False):
+        """Call ``closure`` with gradients on; for the second pass, freeze every parameter and
+        make the first recorded outputs roots, so only output gradients are computed."""
+        params = [p for p in self.all_params() if p.requires_grad] if second else []
+        for p in params:
+            p.requires_grad_(False)
+        self.capture.clear()
+        self.capture.root_outputs = second
+        self.capture.active = second or self.driver.stats_due()
+        try:
+            with torch.enable_grad():
+                return closure()
+        finally:
+            self.capture.active = False
+            self.capture.root_outputs = False
+            for p in params:
+                p.requires_grad_(True)
+
+    def all_params(self) -> list[nn.Parameter]:
+        out = [p for h in self.layers.values() for p in (h.weight, h.module.bias) if p is not None]
+        return out + self.other_params
+
+    # -- gradients -------------------------------------------------------------------------
+    def layer_grads(self, weight_decay: Mapping[int, float]):
+        """``(∇W + τW, ∇b + τb)`` per layer with a gradient, as (d_out, d_in) and (d_out,).
+
+        A missing gradient of one of the pair (a bias frozen after construction) counts as
+        zero; such a parameter is not updated. ``weight_decay`` maps ``id(param)`` to ``τ``.
+        """
+        grads = {}
+        for name, h in self.layers.items():
+            w, b = h.weight, h.module.bias
+            has_bias = self.driver.blocks[name].bias
+            gw, gb = w.grad, b.grad if has_bias else None
+            if gw is None and gb is None:
+                continue
+            gw = torch.zeros_like(w) if gw is None else _decayed(gw, w, weight_decay[id(w)])
+            if has_bias:
+                gb = torch.zeros_like(b) if gb is None else _decayed(gb, b, weight_decay[id(b)])
+            grads[name] = (h.weight_grad(gw), gb)
+        return grads
+
+    def check_seen(self, grads, batches) -> None:
+        """On a statistics step, a layer with a gradient that no forward pass has ever shown
+        raises (its module was bypassed: e.g. a weight used through ``F.linear``); nothing is
+        written before."""
+        if batches is None:
+            return
+        self.seen.update(batches)
+        for name in grads:
+            if name not in self.seen:
+                raise RuntimeError(
+                    f"{self.owner}: layer {name!r} has a gradient but has never been seen in a "
+                    "forward pass with its output gradient (is its weight used without calling "
+                    "the module?); it would get no update. Freeze it, or exclude it and use "
+                    "unsupported='sgd'/'adam'"
+                )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "method": self.owner,
+            "driver": self.driver.state_dict(lambda t: t.detach().clone()),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, entry, *, commit=None) -> None:
+        """Validate a ``"curvlin"`` entry, then (after ``commit``, if given) restore it."""
+        where = f"{self.owner}.load_state_dict"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}: not a curvlin state_dict (no 'curvlin' entry)")
+        check_plain(entry, where)
+        if entry.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"{where}: state format {entry.get('format')!r}, expected {STATE_FORMAT}"
+            )
+        if entry.get("method") != self.owner:
+            raise ValueError(
+                f"{where}: the checkpoint is from {entry.get('method')!r}, not {self.owner!r}"
+            )
+        generator = entry.get("generator")
+        if not (torch.is_tensor(generator) and generator.dtype == torch.uint8):
+            raise ValueError(f"{where}: 'generator' must be a uint8 tensor")
+        devices = {name: h.weight.device for name, h in self.layers.items()}
+
+        def convert(layer, key, value):
+            if not torch.is_tensor(value):
+                raise ValueError(
+                    f"{where}: layer {layer!r}: buffer {key!r} must be a tensor, got "
+                    f"{type(value).__name__}"
+                )
+            return value.to(devices[layer])
+
+        states = self.driver.validated(entry.get("driver"), convert)
+        if commit is not None:
+            commit()
+        self.driver.restore(states)
+        self.generator.set_state(generator)
+        self.seen = set(self.layers)
+        self.arm()
+
+
+def check_plain(obj, where: str, path: str = "state_dict") -> None:
+    """Only tensors, numbers, strings, None, and lists/tuples/dicts of them: what
+    ``torch.load(weights_only=True)`` reads without running code."""
+    if torch.is_tensor(obj) or obj is None or isinstance(obj, bool | int | float | str):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"{where}: {path} has a key of type {type(k).__name__}")
+            check_plain(v, where, f"{path}[{k!r}]")
+        return
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, where, f"{path}[{i}]")
+        return
+    raise TypeError(
+        f"{where}: {path} holds a {type(obj).__module__}.{type(obj).__name__}; a checkpoint "
+        "holds only tensors, numbers, strings and containers of them"
+    )
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """The ``torch.optim.Optimizer`` every curvlin method's front derives from.
+
+    Each supported layer gets ``Δ = P(∇W̄ + τW̄)``, the method's preconditioned gradient
+    with L2 weight decay ``τ`` added first; with ``kl_clip`` the whole step is scaled by
+    ``ν = min(1, √(kl_clip / (lr² |Σ Δ·∇|)))``; then ``momentum`` (see ``momentum_form``).
+    Unsupported parameters get the fallback chosen by ``unsupported``. The front passes its
+    block factory and options; see :class:`Curvature` for the engine options.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        make_block: BlockFactory,
+        *,
+        owner: str,
+        lr: float,
+        damping: float,
+        momentum: float,
+        weight_decay: float,
+        momentum_form: str = "gradient",
+        kl_clip: float | None = None,
+        unsupported="error",
+        **options,
+    ):
+        check_hyper(owner, lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        check_hyper(owner, kl_clip=kl_clip)
+        if momentum_form not in MOMENTUM_FORMS:
+            raise ValueError(
+                f"{owner}: momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}"
+            )
+        self._curv = Curvature(model, make_block, owner=owner, unsupported=unsupported, **options)
+        self._owner, self.momentum_form, self.kl_clip = owner, momentum_form, kl_clip
+        layer_params = [
+            p
+            for h in self._curv.layers.values()
+            for p in (h.weight, h.module.bias)
+            if p is not None and p.requires_grad
+        ]
+        groups = [{"params": layer_params, "curvature": True}]
+        self._fallback = None
+        others = self._curv.other_params
+        if others and unsupported != "sgd":
+            factory = unsupported if callable(unsupported) else _adam
+            self._fallback = factory(others)
+            if not isinstance(self._fallback, torch.optim.Optimizer):
+                raise TypeError(
+                    f"{owner}: unsupported= must return a torch.optim.Optimizer, got "
+                    f"{type(self._fallback).__name__}"
+                )
+            lrs = {g["lr"] for g in self._fallback.param_groups}
+            groups.append({"params": others, "curvature": False, "lr": lrs.pop()})
+        elif others:
+            groups.append({"params": others, "curvature": False})
+        defaults = {
+            "lr": lr,
+            "damping": damping,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(groups, defaults)
+        self._link_fallback()
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        """Names (as in ``model.named_modules()``) of the layers the method preconditions."""
+        return list(self._curv.layers)
+
+    def curvature(self, layer: str):
+        """A copy of one layer's curvature state."""
+        state = self._curv.driver.states[self._layer(layer)]
+        arrays = {k: v.detach().clone() for k, v in state.arrays().items()}
+        return type(state).from_arrays(arrays, state.counters())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because their gradients or statistics held NaN or inf."""
+        return self._curv.driver.skipped
+
+    @property
+    def repaired_factors(self) -> int:
+        """Factors rebuilt by the periodic check (``check_every``)."""
+        return self._curv.driver.repaired
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken (skipped ones not counted)."""
+        return self._curv.driver.step
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (no more statistics can be gathered)."""
+        self._curv.capture.remove()
+
+    def backward_fisher(self, output: torch.Tensor) -> None:
+        """The sampled Fisher's extra backward (``fisher="mc"``): call it after the forward
+        pass and before ``loss.backward()``; it keeps the graph and leaves ``.grad`` alone. A
+        no-op on steps that gather no statistics."""
+        self._curv.backward_fisher(output)
+
+    def _layer(self, layer) -> str:
+        if layer in self._curv.layers:
+            return layer
+        raise KeyError(
+            f"{layer!r} is not a layer handled by {self._owner}; known: {self.layer_names}"
+        )
+
+    # -- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One step; returns the closure's loss (None without a closure).
+
+        Methods with a second pass need ``closure`` (it zeroes the gradients, runs the forward
+        pass, calls ``loss.backward()`` and returns the loss) and call it twice on statistics
+        steps; the others also work after a plain ``loss.backward()``.
+        """
+        curv = self._curv
+        try:
+            for group in self.param_groups:
+                check_hyper(
+                    self._owner,
+                    **{k: group[k] for k in ("lr", "damping", "momentum", "weight_decay")},
+                )
+            if "second_pass" in curv.needs and closure is None:
+                raise RuntimeError(
+                    f"{self._owner}.step() needs a closure: the method evaluates the same "
+                    "minibatch twice, before and after the update. Pass a function that zeroes "
+                    "the gradients, runs the forward pass, calls loss.backward() and returns "
+                    "the loss: opt.step(closure)"
+                )
+            loss = None if closure is None else curv.run_closure(closure)
+            return self._step(loss, closure)
+        finally:
+            curv.arm()
+
+    def _step(self, loss, closure):
+        curv, driver = self._curv, self._curv.driver
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        batches = curv.first_batches()
+        grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
+        curv.check_seen(grads, batches)
+        stats = driver.statistics(batches) if batches else None
+        others = [p for p in curv.other_params if p.grad is not None]
+        probes = [t for pair in grads.values() for t in pair if t is not None]
+        probes += [p.grad for p in others] + driver.probes(stats)
+        if "second_pass" in curv.needs and batches:
+            probes += [a for b in batches.values() for a in b.arrays()]
+        if not driver.all_finite(probes):
+            driver.skip()
+            return loss
+        damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
+        states = driver.fold_refresh(stats, damping=damping)
+        buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
+        directions = driver.precondition(states, grads if buffers is None else buffers)
+        updates = self._updates(directions, grads, buffers)
+        # -- from here on, state changes -------------------------------------------------
+        for p, direction, new_buffer in updates:
+            self._apply(p, direction, group_of[id(p)], new_buffer)
+        self._fallback_step(others, group_of)
+        if curv.second_pass_due and batches:
+            try:
+                curv.run_closure(closure, second=True)
+                plus = curv.collect(plus=True)
+                states = driver.second_pass(states, batches, plus, damping=damping)
+            except BaseException:
+                driver.commit(states)  # the step stands, without its second-pass update
+                raise
+        rebuilt = {}
+        if batches and driver.check_due():
+            states, rebuilt = driver.check(states, batches, damping=damping)
+            driver.warn_rebuilt(rebuilt)
+        driver.commit(states, repaired=sum(len(v) for v in rebuilt.values()))
+        return loss
+
+    def _buffers(self, grads, group_of):
+        """``M' = μ M + g`` per layer, out of place (written when the step is taken)."""
+        out = {}
+        for name, pair in grads.items():
+            h = self._curv.layers[name]
+            new = [
+                None if g is None else self._momentum(p, g.view_as(p), group_of[id(p)]["momentum"])
+                for p, g in zip((h.weight, h.module.bias), pair)
+            ]
+            out[name] = (h.weight_grad(new[0]), new[1])
+        return out
+
+    def _momentum(self, p, g, mu):
+        """``μ M + g``, a new tensor (``g`` itself may be ``p.grad``); ``g`` itself for μ = 0."""
+        if not mu:
+            return g
+        buf = self.state[p].get("momentum_buffer")
+        return g.clone() if buf is None else torch.add(g, buf, alpha=mu)
+
+    def _updates(self, directions, grads, buffers):
+        """``(param, Δ, new EMA buffer or None)`` for every parameter to update, kl-clipped."""
+        out, dots = [], []
+        for name, (dw, db) in directions.items():
+            h = self._curv.layers[name]
+            bufs = (None, None) if buffers is None else buffers[name]
+            for p, d, g, buf in zip((h.weight, h.module.bias), (dw, db), grads[name], bufs):
+                if p is None or p.grad is None or d is None:
+                    continue
+                d = d.view_as(p)
+                out.append((p, d, None if buf is None else buf.view_as(p)))
+                if self.kl_clip is not None:
+                    dots.append((d * g.view_as(p)).sum())
+        if self.kl_clip is not None and dots:
+            lr = self.param_groups[0]["lr"]
+            quad = torch.stack(dots).sum().abs() * lr**2
+            nu = torch.clamp(torch.sqrt(self.kl_clip / quad.clamp_min(1e-30)), max=1.0)
+            out = [(p, d * nu.to(d.dtype), b) for p, d, b in out]
+        return out
+
+    def _apply(self, p, direction, group, new_buffer):
+        mu, slot = group["momentum"], self.state[p]
+        if self.momentum_form == "gradient":
+            if mu:
+                slot["momentum_buffer"] = new_buffer
+            p.add_(direction, alpha=-group["lr"])
+            return
+        if mu:
+            buf = slot.get("momentum_buffer")
+            if buf is None:
+                buf = slot["momentum_buffer"] = direction.detach().clone()
+            else:
+                buf.mul_(mu).add_(direction)
+            direction = buf
+        p.add_(direction, alpha=-group["lr"])
+
+    def _fallback_step(self, others, group_of):
+        if not others:
+            return
+        if self._fallback is not None:
+            group = self.param_groups[-1]
+            for inner in self._fallback.param_groups:
+                inner["lr"] = group["lr"]
+            self._fallback.step()
+            return
+        for p in others:  # "sgd": the same momentum on the identity preconditioner
+            group = group_of[id(p)]
+            g = _decayed(p.grad, p, group["weight_decay"])
+            if self.momentum_form == "gradient":
+                new = self._momentum(p, g, group["momentum"])
+                self._apply(p, new, group, new)
+            else:
+                self._apply(p, g, group, None)
+
+    def _link_fallback(self) -> None:
+        """The fallback optimizer keeps its state in this optimizer's ``state``, so one
+        ``state_dict`` holds everything."""
+        if self._fallback is not None:
+            self._fallback.state = self.state
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self):
+        """Torch's optimizer state (momentum, the fallback's state) and the ``"curvlin"`` entry
+        (every layer's curvature by name, counters, the sampling generator), loadable with
+        ``torch.load(..., weights_only=True)``."""
+        out = super().state_dict()
+        out["curvlin"] = self._curv.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict` after checking all of it; on any error nothing changes.
+
+        Layer names, buffer names, shapes, dtypes, counters and finiteness are checked, and so
+        is the optimizer's own state (one entry per parameter, tensors of the parameter's
+        shape); curvature buffers keep their own dtype.
+        """
+        where = f"{self._owner}.load_state_dict"
+        if not isinstance(state_dict, Mapping) or "curvlin" not in state_dict:
+            raise ValueError(f"{where}: not a {self._owner} state_dict (no 'curvlin' entry)")
+        check_plain(state_dict, where)
+        rest = {k: v for k, v in state_dict.items() if k != "curvlin"}
+        self._check_torch_state(rest, where)
+        self._curv.load_state_dict(
+            state_dict["curvlin"],
+            commit=lambda: torch.optim.Optimizer.load_state_dict(self, rest),
+        )
+        self._link_fallback()
+
+    def _check_torch_state(self, rest, where) -> None:
+        groups = rest.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{where}: the checkpoint has other parameter groups (a checkpoint of another "
+                "model, or another unsupported= choice?)"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            if len(theirs.get("params", ())) != len(mine["params"]):
+                raise ValueError(
+                    f"{where}: parameter group {i} holds {len(theirs.get('params', ()))} "
+                    f"parameters in the checkpoint and {len(mine['params'])} here (a checkpoint "
+                    "of another model?)"
+                )
+            check_hyper(
+                self._owner,
+                **{
+                    k: theirs[k]
+                    for k in ("lr", "damping", "momentum", "weight_decay")
+                    if k in theirs
+                },
+            )
+        state = rest.get("state")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{where}: 'state' must be a dict")
+        for key, slot in state.items():
+            if not isinstance(key, int) or not 0 <= key < len(params):
+                raise ValueError(f"{where}: state for unknown parameter {key!r}")
+            p = params[key]
+            what = f"{where}: parameter {self._curv.param_names.get(id(p), key)!r}"
+            for name, value in slot.items():
+                if not torch.is_tensor(value) or value.ndim == 0:
+                    continue
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{what} buffer {name!r} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(p.shape)}"
+                    )
+                if value.is_floating_point() and not bool(value.isfinite().all()):
+                    raise ValueError(f"{what} buffer {name!r} holds NaN or inf")
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _decayed(grad, p, wd):
+    return grad + wd * p if wd else grad
+
+
+def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+class Preconditioner:
+    """Any curvlin method in front of any torch optimizer: :meth:`step` rewrites ``.grad``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    method : a curvlin optimizer class (``KFAC``, ``KBFGS``, ``KBFGSL``, ...)
+        The method whose curvature preconditions the gradients.
+    damping : float
+        The damping (an attribute you may change between steps).
+    unsupported : {"error", "sgd", "adam"} or callable
+        ``"error"`` raises for trainable parameters outside supported layers; anything else
+        leaves them (and their gradients) to the optimizer.
+    **options
+        The method's block options (as its optimizer takes them, e.g. ``decay`` for KFAC) and
+        the engine's (``stats_every``, ``refresh_every``, ``check_every``, ``fisher``,
+        ``loss``, ``loss_reduction``, ``factor_dtype``, ``seed``).
+
+    Notes
+    -----
+    The loop::
+
+        loss = closure()          # zero_grad, forward, loss.backward()
+        if precond.step():        # False: a NaN/inf step was skipped, do not step
+            opt.step()
+            precond.second_pass(closure)  # methods with a second pass; else a no-op
+
+    Parameters outside the supported layers are left to the optimizer (their gradients are not
+    touched). A skipped step leaves gradients and curvature untouched and warns.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlin.adapters.torch import KFAC, Preconditioner
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> precond = Preconditioner(model, KFAC, damping=1e-2)
+    >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+    >>> opt.zero_grad()
+    >>> ((model(x) - y) ** 2).mean().backward()
+    >>> if precond.step():  # gradients are now KFAC directions
+    ...     opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method,
+        damping: float | None = None,
+        *,
+        unsupported="error",
+        **options,
+    ):
+        make_block, engine_options = method.block_factory(**options)
+        if damping is None:
+            damping = method.default_damping
+        owner = f"Preconditioner({method.__name__})"
+        check_hyper(owner, damping=damping)
+        self.damping = damping
+        self._curv = Curvature(
+            model, make_block, owner=owner, unsupported=unsupported, **engine_options
+        )
+        self._pending = None
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers the method preconditions."""
+        return list(self._curv.layers)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because their gradients or statistics held NaN or inf."""
+        return self._curv.driver.skipped
+
+    def curvature(self, layer: str):
+        """A copy of one layer's curvature state."""
+        if layer not in self._curv.layers:
+            raise KeyError(f"{layer!r} is not a layer handled here; known: {self.layer_names}")
+        state = self._curv.driver.states[layer]
+        arrays = {k: v.detach().clone() for k, v in state.arrays().items()}
+        return type(state).from_arrays(arrays, state.counters())
+
+    def backward_fisher(self, output: torch.Tensor) -> None:
+        """As :meth:`CurvatureOptimizer.backward_fisher`."""
+        self._curv.backward_fisher(output)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model."""
+        self._curv.capture.remove()
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Update curvature and precondition the gradients; False if skipped (NaN or inf)."""
+        curv, driver = self._curv, self._curv.driver
+        self._pending = None
+        try:
+            check_hyper(curv.owner, damping=self.damping)
+            batches = curv.first_batches()
+            zero = {id(p): 0.0 for p in curv.all_params()}
+            grads = curv.layer_grads(zero)
+            curv.check_seen(grads, batches)
+            stats = driver.statistics(batches) if batches else None
+            probes = [t for pair in grads.values() for t in pair if t is not None]
+            probes += driver.probes(stats)
+            second = "second_pass" in curv.needs and batches
+            if second:
+                probes += [a for b in batches.values() for a in b.arrays()]
+            if not driver.all_finite(probes):
+                driver.skip()
+                return False
+            damping = dict.fromkeys(curv.layers, self.damping)
+            states = driver.fold_refresh(stats, damping=damping)
+            directions = driver.precondition(states, grads)
+            for name, (dw, db) in directions.items():
+                h = curv.layers[name]
+                for p, d in ((h.weight, dw), (h.module.bias, db)):
+                    if p is not None and p.grad is not None and d is not None:
+                        p.grad.copy_(d.view_as(p))
+            driver.commit(states)
+            if second:
+                self._pending = (batches, damping)
+            return True
+        finally:
+            curv.arm()
+
+    def second_pass(self, closure) -> None:
+        """After the optimizer's step: the closure again on the same batch (methods with a
+        second pass; a no-op for the others and after a skipped step)."""
+        if self._pending is None:
+            return
+        curv, driver = self._curv, self._curv.driver
+        batches, damping = self._pending
+        self._pending = None
+        try:
+            curv.run_closure(closure, second=True)
+            plus = curv.collect(plus=True)
+        finally:
+            curv.arm()
+        states = driver.second_pass(driver.states, batches, plus, damping=damping)
+        rebuilt = {}
+        if driver.schedule.check_due(driver.step - 1):  # the step this pass belongs to
+            states, rebuilt = driver.check(states, batches, damping=damping)
+            driver.warn_rebuilt(rebuilt)
+        driver.update(states, repaired=sum(len(v) for v in rebuilt.values()))
+
+    def state_dict(self) -> dict:
+        """The ``"curvlin"`` entry (curvature by layer, counters, generator) and the damping."""
+        return {"curvlin": self._curv.state_dict(), "damping": self.damping}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` after checking all of it."""
+        where = f"{self._curv.owner}.load_state_dict"
+        if not isinstance(state_dict, Mapping) or "curvlin" not in state_dict:
+            raise ValueError(f"{where}: not a Preconditioner state_dict (no 'curvlin' entry)")
+        check_hyper(self._curv.owner, damping=state_dict.get("damping"))
+        self._curv.load_state_dict(state_dict["curvlin"])
+        self.damping = state_dict["damping"]
+
+
+#: The options every optimizer front shares, for its docstring (``{common}``).
+COMMON_DOC = """
+    lr : float
+        Learning rate (in every param group, so lr schedulers work).
+    damping : float
+        The method's damping ``λ > 0`` (per param group; see the damping table in the docs).
+    momentum : float
+        ``μ`` in ``[0, 1)``; its meaning is set by ``momentum_form``.
+    weight_decay : float
+        L2 coefficient ``τ`` added to the gradient before preconditioning.
+    momentum_form : {"gradient", "direction"}
+        Where torch's heavy-ball momentum acts. ``"gradient"`` (every curvlin optimizer's
+        default): ``M ← μ M + (∇ + τθ)``, then ``θ ← θ − lr·P(M)``: the preconditioner of the
+        current step acts on the whole momentum, so a preconditioner that is still learning
+        its scale (K-BFGS's ``H_g`` starts at ``I``) cannot leave stale, oversized directions
+        behind. The K-BFGS papers' EMA momentum ``M ← μ M + (1 − μ)∇`` at learning rate ``α``
+        is exactly ``"gradient"`` at ``lr = α(1 − μ)``. ``"direction"``: ``v ← μ v + Δ``,
+        ``θ ← θ − lr·v`` on the preconditioned direction ``Δ = P(∇ + τθ)`` (kfac-pytorch's
+        form: ``torch.optim.SGD`` applied to ``Δ``). For a slowly changing ``P`` the two agree
+        at the same ``lr``.
+    kl_clip : float, optional
+        If set, scale the step so that ``lr² · |Σ Δ·∇| <= kl_clip`` (kfac-pytorch's KL
+        clipping), on the device, without a host synchronisation.
+    stats_every, refresh_every : int
+        Gather statistics every ``stats_every`` steps, refresh the amortised part (inverses)
+        every ``refresh_every`` steps; step 0 does both.
+    check_every : int or None
+        Check-and-repair the curvature every ``check_every`` statistics steps (one host
+        synchronisation), for methods that have a check; None never checks.
+    factor_dtype : torch.dtype, optional
+        Dtype of the curvature state; by default the parameters' dtype, or float32 for
+        float16/bfloat16 models.
+    unsupported : {"error", "sgd", "adam"} or callable
+        Trainable parameters outside supported layers (norm scales, embeddings, the
+        projections of ``nn.MultiheadAttention``): raise (``"error"``), give them this
+        optimizer's momentum SGD with its ``lr`` (``"sgd"``), ``torch.optim.Adam`` with
+        ``lr=1e-3`` (``"adam"``), or the optimizer a callable makes from their list, e.g.
+        ``lambda ps: torch.optim.AdamW(ps, lr=3e-4)``. They form the last param group, whose
+        ``lr`` (the fallback's, scaled by schedulers) is handed to the fallback on every step;
+        its state is saved in this optimizer's ``state_dict``.
+"""
+
+#: How every optimizer front behaves, for its docstring (``{behaviour}``).
+BEHAVIOUR_DOC = """
+    **Faults never corrupt the state.** A step whose gradients or statistics hold NaN or inf
+    is skipped: parameters, curvature, momentum and counters stay as they were,
+    :attr:`skipped_steps` grows and a ``RuntimeWarning`` says so. Hyperparameters are checked
+    on every step (a scheduler or a hand edit can spoil them), before anything changes. A step
+    that raises forgets what it captured, so the next one starts clean. A statistics step on
+    which no layer was captured (the model in ``eval()`` mode, or under ``torch.no_grad()``)
+    raises. A layer with a gradient but never seen in a forward pass raises. A parameter whose
+    ``.grad`` is None is not updated (a missing bias gradient counts as zero in its layer's
+    preconditioning). ``load_state_dict`` checks everything (layer and buffer names, shapes,
+    dtypes, counters, finiteness, the method) before it changes anything; ``state_dict`` holds
+    only tensors, numbers and strings, so ``torch.load(path, weights_only=True)`` reads it and
+    a restored run continues bit for bit.
+"""

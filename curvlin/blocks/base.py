@@ -1,0 +1,252 @@
+"""The protocol every per-layer curvature block implements, and what a step hands it.
+
+A block is the curvature mathematics of one layer ``s = W̄ ā`` with ``W̄ = [W, b]`` of shape
+(``d_out``, ``d_a``), written once against the array API. It declares in :attr:`Block.needs`
+what a step must capture for it, and offers a fixed life cycle that the
+:class:`~curvlin.blocks.Driver` runs for every method alike:
+
+1. :meth:`Block.init` makes a state of fixed-shape arrays;
+2. on statistics steps, :meth:`Block.statistics` turns a :class:`LayerBatch` into a dictionary
+   of arrays that are means over examples (so ranks can average them) and :meth:`Block.fold`
+   folds them into the state (an EMA, a warm start);
+3. on refresh steps, :meth:`Block.refresh` does the amortised, expensive part (inverses,
+   roots, eigenbases);
+4. on every step, :meth:`Block.precondition` turns a gradient into a direction;
+5. methods that need it (``"second_pass" in needs``) get the same batch again after the
+   parameter update, in :meth:`Block.second_pass`;
+6. every ``check_every`` statistics steps, :meth:`Block.check` may repair a state that rounding
+   has spoiled (one host synchronisation).
+
+Bias handling lives here and nowhere else: :meth:`Block.precondition` appends the bias
+gradient as the last column of ``∇W̄`` and splits the direction back, :func:`homogeneous` appends
+the 1 to input rows. A block implements the private :meth:`Block._precondition` on the
+``(d_out, d_a)`` matrix only.
+
+States are frozen dataclasses that derive from :class:`BlockState`: they list their arrays and
+host-side integer counters and are rebuilt from them, which is what checkpoints save and what a
+distributor all-reduces or broadcasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from array_api_compat import device as _device
+
+from ..backends import Array, get_backend
+
+__all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous"]
+
+#: What a block may need from a step: the layer's input rows, its output (pre-activation)
+#: rows, per-example output-gradient rows, and a second forward/backward pass on the same batch
+#: after the parameter update.
+NEEDS = frozenset({"inputs", "outputs", "output_grads", "second_pass"})
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """One step's captured quantities for one layer, as rows.
+
+    Attributes
+    ----------
+    inputs : array of shape (R, d_in), or None
+        Layer inputs without the homogeneous 1: one row per example, or per example and
+        spatial position for a convolution (im2col patches).
+    outputs : array of shape (R, d_out), or None
+        The layer's outputs (pre-activations) on the same rows.
+    output_grads : array of shape (R, d_out), or None
+        Output gradients on the same rows; ``grad_scale · output_grads`` are per-example
+        gradients (``N ×`` autograd's gradient of a batch-mean loss, or sampled ones for a
+        sampled Fisher).
+    n_examples : int
+        ``N``, the number of examples the ``R`` rows come from (the normaliser of a mean over
+        examples; 1 for a summed loss).
+    grad_scale : float
+        The factor that makes ``output_grads`` per-example. Blocks apply it to the statistics
+        they compute (a Gram matrix's scale, a mean), never to every row: one pass fewer.
+    """
+
+    inputs: Array | None = None
+    outputs: Array | None = None
+    output_grads: Array | None = None
+    n_examples: int = 1
+    grad_scale: float = 1.0
+
+    def arrays(self) -> list[Array]:
+        """The arrays that are set (for a finiteness check)."""
+        return [a for a in (self.inputs, self.outputs, self.output_grads) if a is not None]
+
+
+class BlockState:
+    """Base of every block state: a frozen dataclass of fixed-shape arrays and int counters.
+
+    Subclasses implement :meth:`arrays`, :meth:`counters` and :meth:`from_arrays` so that
+    ``type(s).from_arrays(s.arrays(), s.counters())`` rebuilds ``s``.
+    """
+
+    def arrays(self) -> dict[str, Array]:
+        """Every array of the state by a stable name (for checkpoints and all-reduce)."""
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        """Host-side integer counters by name."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Array], counters: dict[str, int]) -> BlockState:
+        """Rebuild a state from :meth:`arrays` and :meth:`counters` output."""
+        raise NotImplementedError
+
+
+def homogeneous(x: Array, /, *, bias: bool) -> Array:
+    """Input rows ``x`` of shape (R, d) as ``x̄ = [x, 1]`` of shape (R, d + 1) when ``bias``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin.blocks import homogeneous
+    >>> homogeneous(np.zeros((2, 3)), bias=True)
+    array([[0., 0., 0., 1.],
+           [0., 0., 0., 1.]])
+    """
+    if not bias:
+        return x
+    xp = get_backend(x).xp
+    return xp.concat([x, xp.ones((x.shape[0], 1), dtype=x.dtype, device=_device(x))], axis=1)
+
+
+class Block:
+    """One layer's curvature block: the protocol (see the module docstring).
+
+    Subclasses are frozen dataclasses with at least the fields ``d_out``, ``d_in`` and ``bias``
+    and implement :meth:`init` and :meth:`_precondition`; every other method has a default
+    that does nothing, so a method overrides only what it computes.
+
+    Examples
+    --------
+    A diagonal preconditioner that needs nothing but the gradient:
+
+    >>> from dataclasses import dataclass
+    >>> import numpy as np
+    >>> from curvlin.blocks import Block, BlockState
+    >>> @dataclass(frozen=True)
+    ... class Empty(BlockState):
+    ...     def arrays(self):
+    ...         return {}
+    ...     def counters(self):
+    ...         return {}
+    ...     @classmethod
+    ...     def from_arrays(cls, arrays, counters):
+    ...         return cls()
+    >>> @dataclass(frozen=True)
+    ... class Halve(Block):
+    ...     d_out: int
+    ...     d_in: int
+    ...     bias: bool = True
+    ...     def init(self, like, /, *, dtype=None):
+    ...         return Empty()
+    ...     def _precondition(self, state, grad):
+    ...         return grad / 2
+    >>> block = Halve(2, 3)
+    >>> dw, db = block.precondition(block.init(None), np.ones((2, 3)), np.ones(2))
+    >>> dw[0, 0], db[0]
+    (np.float64(0.5), np.float64(0.5))
+    """
+
+    #: What the block needs from a step, a subset of :data:`NEEDS`.
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    d_out: int
+    d_in: int
+    bias: bool
+
+    @property
+    def d_a(self) -> int:
+        """Columns of ``W̄ = [W, b]``: ``d_in + 1`` with a bias."""
+        return self.d_in + int(self.bias)
+
+    # -- life cycle ----------------------------------------------------------------------
+    def init(self, like: Array, /, *, dtype=None) -> BlockState:
+        """The initial state, on ``like``'s library and device, in ``dtype`` (default its own)."""
+        raise NotImplementedError
+
+    def statistics(self, state: BlockState, batch: LayerBatch, /) -> dict[str, Array]:
+        """This batch's statistics: arrays that are means over examples (ranks average them)."""
+        return {}
+
+    def fold(self, state: BlockState, stats: dict[str, Array], /, *, damping) -> BlockState:
+        """Fold one batch's :meth:`statistics` into the state (EMA, warm start)."""
+        return state
+
+    def refresh(self, state: BlockState, /, *, damping) -> BlockState:
+        """The amortised part: recompute inverses, roots or eigenbases from the state."""
+        return state
+
+    def ready(self, state: BlockState, /) -> bool:
+        """Whether :meth:`precondition` can be called (e.g. an inverse exists). No sync."""
+        return True
+
+    def second_pass(
+        self, state: BlockState, batch: LayerBatch, batch_plus: LayerBatch, /, *, damping
+    ) -> BlockState:
+        """Update from the same batch seen before (``batch``) and after the parameter update."""
+        raise NotImplementedError(f"{type(self).__name__} needs no second pass")
+
+    def check(
+        self, state: BlockState, batch: LayerBatch, /, *, damping
+    ) -> tuple[BlockState, tuple[str, ...]]:
+        """Test the state and rebuild what rounding has spoiled; returns the names rebuilt."""
+        return state, ()
+
+    def cost(self) -> float:
+        """Estimated flops of one :meth:`refresh` (to balance work across ranks)."""
+        return float(self.d_out**3 + self.d_a**3)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every array a state may hold, by :meth:`BlockState.arrays` name."""
+        raise NotImplementedError
+
+    # -- the direction --------------------------------------------------------------------
+    def precondition(self, state: BlockState, grad_w: Array, grad_b: Array | None = None, /):
+        """The direction for ``∇W̄ = [grad_w, grad_b]``, split back into ``(dW, db)``.
+
+        ``grad_w`` has shape (d_out, d_in); ``grad_b`` shape (d_out,) exactly when the layer
+        has a bias. The result has ``grad_w``'s dtype; ``db`` is None without a bias.
+        """
+        func = f"{type(self).__name__}.precondition"
+        if tuple(grad_w.shape) != (self.d_out, self.d_in):
+            raise ValueError(
+                f"{func}: grad_w must have shape ({self.d_out}, {self.d_in}), "
+                f"got {tuple(grad_w.shape)}"
+            )
+        if (grad_b is not None) != self.bias or (
+            grad_b is not None and tuple(grad_b.shape) != (self.d_out,)
+        ):
+            want = f"shape ({self.d_out},)" if self.bias else "None (the layer has no bias)"
+            got = None if grad_b is None else tuple(grad_b.shape)
+            raise ValueError(f"{func}: grad_b must be {want}, got {got}")
+        if not self.ready(state):
+            raise ValueError(f"{func}: the state is not ready yet (no statistics or refresh)")
+        xp = get_backend(grad_w).xp
+        work = self.work_dtype(state)
+        mat = _cast(xp, grad_w, work)
+        if self.bias:
+            mat = xp.concat([mat, _cast(xp, grad_b, work)[:, None]], axis=1)
+        direction = _cast(xp, self._precondition(state, mat), grad_w.dtype)
+        if self.bias:
+            return direction[:, : self.d_in], direction[:, self.d_in]
+        return direction, None
+
+    def _precondition(self, state: BlockState, grad: Array, /) -> Array:
+        """The mathematics: the direction for the ``(d_out, d_a)`` matrix ``grad``."""
+        raise NotImplementedError
+
+    def work_dtype(self, state: BlockState, /):
+        """The dtype :meth:`precondition` computes in: that of the state's first array."""
+        arrays = state.arrays()
+        return next(iter(arrays.values())).dtype if arrays else None
+
+
+def _cast(xp, a: Array, dtype) -> Array:
+    return a if dtype is None or a.dtype == dtype else xp.astype(a, dtype)

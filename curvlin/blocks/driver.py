@@ -1,0 +1,363 @@
+"""The framework-free driver that runs blocks: schedule, states, the non-finite skip, checkpoints.
+
+A :class:`Driver` owns one :class:`~curvlin.blocks.Block` and one state per layer and the step
+counter. A framework adapter (torch, CuPy) captures a step's :class:`~curvlin.blocks.LayerBatch`
+per layer and asks the driver, in this order:
+
+1. :meth:`Driver.all_finite` on the step's gradients and batches; on False, :meth:`Driver.skip`
+   and stop (nothing else changes);
+2. :meth:`Driver.statistics` (reduced across ranks by the distributor), whose
+   :meth:`Driver.probes` join the finiteness check of step 1, then :meth:`Driver.fold_refresh`:
+   fold, and refresh when due; it returns the new states without committing them;
+3. :meth:`Driver.precondition` with those states;
+4. the adapter updates the parameters; then, on statistics steps of a method with a second
+   pass, :meth:`Driver.second_pass` with the batch seen again;
+5. :meth:`Driver.check` when due, and :meth:`Driver.commit`.
+
+Nothing is written to the driver before :meth:`commit`, so an exception anywhere before it
+leaves the optimizer's state as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+
+from ..backends import Array, get_backend
+from ._schedule import Schedule
+from .base import Block, BlockState, LayerBatch
+
+__all__ = ["CHECKPOINT_FORMAT", "Distributor", "Driver"]
+
+#: Version of the layout of :meth:`Driver.state_dict`.
+CHECKPOINT_FORMAT = 1
+
+
+class Distributor:
+    """The distribution hook point: what a driver asks of the other ranks. In one process,
+    nothing (this class); a distributed adapter overrides both methods.
+    """
+
+    def reduce_statistics(
+        self, stats: dict[str, dict[str, Array]], /
+    ) -> dict[str, dict[str, Array]]:
+        """Average each layer's statistics over the ranks (they are means over examples)."""
+        return stats
+
+    def share_states(self, states: dict[str, BlockState], /) -> dict[str, BlockState]:
+        """Make every rank hold the refreshed states (e.g. broadcast from each layer's owner)."""
+        return states
+
+
+class Driver:
+    """Per-layer blocks and states, run on one :class:`Schedule`.
+
+    Parameters
+    ----------
+    blocks : mapping of str to Block
+        One block per layer, by layer name.
+    states : mapping of str to BlockState
+        The initial states (from each block's ``init``), by the same names.
+    schedule : Schedule
+    owner : str
+        The name used in warnings and errors (the optimizer's class name).
+    distributor : Distributor, optional
+        Reduces statistics and shares states across ranks; by default a no-op.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin.blocks import Driver, KFACBlock, LayerBatch, Schedule
+    >>> rng = np.random.default_rng(0)
+    >>> block = KFACBlock(d_out=3, d_in=4)
+    >>> driver = Driver({"fc": block}, {"fc": block.init(np.zeros(0))}, schedule=Schedule())
+    >>> batch = LayerBatch(inputs=rng.standard_normal((8, 4)),
+    ...                    output_grads=rng.standard_normal((8, 3)), n_examples=8)
+    >>> grads = {"fc": (np.ones((3, 4)), np.ones(3))}
+    >>> stats = driver.statistics({"fc": batch})
+    >>> driver.all_finite([*grads["fc"], *driver.probes(stats)])
+    True
+    >>> states = driver.fold_refresh(stats, damping={"fc": 0.1})
+    >>> dw, db = driver.precondition(states, grads)["fc"]
+    >>> driver.commit(states)
+    >>> driver.step, dw.shape
+    (1, (3, 4))
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[str, Block],
+        states: Mapping[str, BlockState],
+        *,
+        schedule: Schedule,
+        owner: str = "curvlin",
+        distributor: Distributor | None = None,
+    ):
+        if set(blocks) != set(states):
+            raise ValueError("Driver: blocks and states must have the same layer names")
+        self.blocks = dict(blocks)
+        self.states = dict(states)
+        self.schedule = schedule
+        self.owner = owner
+        self.distributor = distributor or Distributor()
+        #: Steps taken (skipped ones not counted).
+        self.step = 0
+        #: Steps skipped because their gradients or statistics held NaN or inf.
+        self.skipped = 0
+        #: Factors rebuilt by a check (see :meth:`Block.check`).
+        self.repaired = 0
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What any block needs from a step."""
+        return frozenset().union(*(b.needs for b in self.blocks.values()))
+
+    # -- the schedule ----------------------------------------------------------------------
+    def stats_due(self) -> bool:
+        """Whether this step gathers statistics (and runs a second pass where one is needed)."""
+        return self.schedule.stats_due(self.step)
+
+    def refresh_due(self) -> bool:
+        """Whether this step refreshes the amortised part."""
+        return self.schedule.refresh_due(self.step)
+
+    def check_due(self) -> bool:
+        """Whether this step checks and repairs the states."""
+        return self.schedule.check_due(self.step)
+
+    # -- the step --------------------------------------------------------------------------
+    @staticmethod
+    def all_finite(arrays) -> bool:
+        """Whether every entry of every array is finite: one host synchronisation in all.
+
+        A sum per array is one reduction with no boolean temporaries; NaN or inf anywhere
+        makes it non-finite (so does a finite overflow, which deserves a skip as well).
+        """
+        arrays = [a for a in arrays if a is not None]
+        if not arrays:
+            return True
+        xp = get_backend(arrays[0]).xp
+        sums = xp.stack([xp.astype(xp.sum(a), xp.float32) for a in arrays])
+        return bool(xp.all(xp.isfinite(sums)))
+
+    def skip(self, why: str = "its gradients or curvature statistics hold NaN or inf") -> None:
+        """Count a skipped step and warn; nothing else changes."""
+        self.skipped += 1
+        warnings.warn(
+            f"{self.owner}: step {self.step} skipped, {why} (optimizer state left unchanged)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def statistics(self, batches: Mapping[str, LayerBatch], /) -> dict[str, dict[str, Array]]:
+        """Each captured layer's :meth:`Block.statistics`, averaged across ranks."""
+        stats = {
+            name: self.blocks[name].statistics(self.states[name], batch)
+            for name, batch in batches.items()
+        }
+        return self.distributor.reduce_statistics(stats)
+
+    @staticmethod
+    def probes(stats: Mapping[str, Mapping[str, Array]] | None, /) -> list[Array]:
+        """What :meth:`all_finite` must see of ``stats``: a square statistic's diagonal (a
+        Gram matrix, where a NaN or inf row always lands), any other statistic whole."""
+        out = []
+        for layer_stats in (stats or {}).values():
+            for a in layer_stats.values():
+                square = a.ndim == 2 and a.shape[0] == a.shape[1]
+                out.append(get_backend(a).xp.linalg.diagonal(a) if square else a)
+        return out
+
+    def fold_refresh(
+        self, stats: Mapping[str, Mapping[str, Array]] | None, /, *, damping: Mapping[str, float]
+    ) -> dict[str, BlockState]:
+        """Fold ``stats`` (layers not in it keep their state), then refresh when due.
+
+        ``damping`` holds every layer's damping. Nothing is committed.
+        """
+        states = dict(self.states)
+        for name, layer_stats in (stats or {}).items():
+            states[name] = self.blocks[name].fold(states[name], layer_stats, damping=damping[name])
+        if self.refresh_due():
+            for name, block in self.blocks.items():
+                states[name] = block.refresh(states[name], damping=damping[name])
+            states = self.distributor.share_states(states)
+        return states
+
+    def precondition(
+        self, states: Mapping[str, BlockState], grads: Mapping[str, tuple[Array, Array | None]]
+    ) -> dict[str, tuple[Array, Array | None]]:
+        """Directions ``(dW, db)`` for the layers in ``grads`` whose state is ready."""
+        out = {}
+        for name, (grad_w, grad_b) in grads.items():
+            block, state = self.blocks[name], states[name]
+            if block.ready(state):
+                out[name] = block.precondition(state, grad_w, grad_b)
+        return out
+
+    def second_pass(
+        self,
+        states: Mapping[str, BlockState],
+        batches: Mapping[str, LayerBatch],
+        batches_plus: Mapping[str, LayerBatch],
+        *,
+        damping: Mapping[str, float],
+    ) -> dict[str, BlockState]:
+        """Second-pass updates of the layers seen in both passes on the same rows."""
+        states = dict(states)
+        for name, batch in batches.items():
+            plus = batches_plus.get(name)
+            block = self.blocks[name]
+            if "second_pass" not in block.needs or plus is None:
+                continue
+            if plus.outputs is not None and tuple(plus.outputs.shape) != tuple(batch.outputs.shape):
+                continue  # the layer was not reached the same way in the second pass
+            states[name] = block.second_pass(states[name], batch, plus, damping=damping[name])
+        return states
+
+    def check(
+        self,
+        states: Mapping[str, BlockState],
+        batches: Mapping[str, LayerBatch],
+        *,
+        damping: Mapping[str, float],
+    ) -> tuple[dict[str, BlockState], dict[str, tuple[str, ...]]]:
+        """:meth:`Block.check` of every captured layer; returns the states and what was rebuilt."""
+        states = dict(states)
+        rebuilt = {}
+        for name, batch in batches.items():
+            states[name], what = self.blocks[name].check(states[name], batch, damping=damping[name])
+            if what:
+                rebuilt[name] = what
+        return states, rebuilt
+
+    def commit(self, states: Mapping[str, BlockState], *, repaired: int = 0) -> None:
+        """Make ``states`` the current ones and count the step."""
+        self.update(states, repaired=repaired)
+        self.step += 1
+
+    def update(self, states: Mapping[str, BlockState], *, repaired: int = 0) -> None:
+        """Replace states without counting a step (a second pass after the step's commit)."""
+        self.states.update(states)
+        self.repaired += repaired
+
+    def warn_rebuilt(self, rebuilt: Mapping[str, tuple[str, ...]]) -> None:
+        """One ``RuntimeWarning`` per layer whose factors :meth:`check` rebuilt."""
+        for name, what in rebuilt.items():
+            warnings.warn(
+                f"{self.owner}: layer {name!r}: {' and '.join(what)} no longer positive definite "
+                f"at step {self.step}; rebuilt ({type(self.blocks[name]).__name__}.check)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self, convert: Callable[[Array], object] = lambda a: a) -> dict:
+        """Counters and every layer's arrays (passed through ``convert``) and counters."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "skipped": self.skipped,
+            "repaired": self.repaired,
+            "layers": {
+                name: {
+                    "arrays": {k: convert(v) for k, v in state.arrays().items()},
+                    "counters": dict(state.counters()),
+                }
+                for name, state in self.states.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping, convert: Callable[[str, str, object], Array]):
+        """Restore :meth:`state_dict` output, all or nothing.
+
+        ``convert(layer, key, value)`` turns a saved value into an array of this driver's
+        library and device. Every layer, array name, shape, dtype, counter and value is
+        checked first (:meth:`validated`), with an error naming the layer and the buffer; only
+        then is anything replaced (:meth:`restore`).
+        """
+        self.restore(self.validated(state_dict, convert))
+
+    def restore(self, validated: tuple[dict[str, BlockState], dict[str, int]]) -> None:
+        """Install what :meth:`validated` returned."""
+        states, counts = validated
+        self.states = dict(states)
+        self.step, self.skipped, self.repaired = (
+            counts[k] for k in ("step", "skipped", "repaired")
+        )
+
+    def validated(self, state_dict: Mapping, convert: Callable[[str, str, object], Array]):
+        """Check a :meth:`state_dict` and build its states without installing them."""
+        where = f"{self.owner}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        if state_dict.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{where}: checkpoint format {state_dict.get('format')!r}, expected "
+                f"{CHECKPOINT_FORMAT}"
+            )
+        counts = {k: state_dict.get(k) for k in ("step", "skipped", "repaired")}
+        for key, value in counts.items():
+            _check_count(value, f"{where}: {key!r}")
+        layers = state_dict.get("layers")
+        if not isinstance(layers, Mapping) or set(layers) != set(self.blocks):
+            got = sorted(layers) if isinstance(layers, Mapping) else layers
+            raise ValueError(
+                f"{where}: the checkpoint's layers {got} are not this optimizer's layers "
+                f"{sorted(self.blocks)}"
+            )
+        new = {}
+        for name, block in self.blocks.items():
+            new[name] = self._load_layer(where, name, block, layers[name], convert)
+        return new, counts
+
+    def _load_layer(self, where, name, block, saved, convert) -> BlockState:
+        current = self.states[name]
+        if not isinstance(saved, Mapping) or set(saved) != {"arrays", "counters"}:
+            raise ValueError(f"{where}: layer {name!r}: expected keys 'arrays' and 'counters'")
+        arrays_in, counters = saved["arrays"], saved["counters"]
+        shapes = block.state_shapes()
+        if not isinstance(arrays_in, Mapping) or not set(arrays_in) <= set(shapes):
+            unknown = sorted(set(arrays_in) - set(shapes)) if isinstance(arrays_in, Mapping) else []
+            raise ValueError(
+                f"{where}: layer {name!r}: unknown buffers {unknown} for {type(block).__name__}"
+            )
+        want_counters = set(current.counters())
+        if not isinstance(counters, Mapping) or set(counters) != want_counters:
+            raise ValueError(
+                f"{where}: layer {name!r}: counters must be {sorted(want_counters)}, got "
+                f"{sorted(counters) if isinstance(counters, Mapping) else counters!r}"
+            )
+        for key, value in counters.items():
+            _check_count(value, f"{where}: layer {name!r}: counter {key!r}")
+        dtype = block.work_dtype(current)
+        arrays = {}
+        for key, value in arrays_in.items():
+            what = f"{where}: layer {name!r}: buffer {key!r}"
+            array = convert(name, key, value)
+            if tuple(array.shape) != shapes[key]:
+                raise ValueError(f"{what} has shape {tuple(array.shape)}, expected {shapes[key]}")
+            xp = get_backend(array).xp
+            if xp.isdtype(array.dtype, "bool"):
+                arrays[key] = array
+                continue
+            if array.dtype != dtype:
+                raise ValueError(f"{what} has dtype {array.dtype}, expected {dtype}")
+            if not bool(xp.all(xp.isfinite(array))):
+                raise ValueError(f"{what} holds NaN or inf")
+            arrays[key] = array
+        try:
+            state = type(current).from_arrays(arrays, dict(counters))
+        except KeyError as missing:
+            raise ValueError(f"{where}: layer {name!r}: missing buffer {missing}") from None
+        if set(state.arrays()) != set(arrays):
+            raise ValueError(
+                f"{where}: layer {name!r}: buffers {sorted(arrays)} do not form a "
+                f"{type(current).__name__}"
+            )
+        return state
+
+
+def _check_count(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")

@@ -1,0 +1,220 @@
+"""The checkpoint suite: every curvlin optimizer resumes bit for bit, and refuses bad checkpoints.
+
+Runs over :data:`_methods.METHODS`; a new method joins by being added there.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from _methods import METHODS, assert_same, batches, roundtrip
+from _torch_models import cnn, mlp, one_thread
+from torch import nn
+
+from curvlin.adapters.torch import KFAC
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def _model(kind, dtype, seed=0):
+    model = (mlp(seed=seed) if kind == "mlp" else cnn(seed=seed)).to(dtype)
+    return model, (3,) if kind == "mlp" else (2, 7, 6)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_resume_is_bit_exact(method, kind, dtype):
+    model, shape = _model(kind, dtype)
+    data = batches(shape, 8, dtype=dtype)
+    opt = method.make(model, seed=7) if "kfac" in method.name else method.make(model)
+    for x, t in data[:4]:
+        method.step(opt, model, x, t)
+    saved_opt, saved_model = roundtrip(opt.state_dict()), roundtrip(model.state_dict())
+    for x, t in data[4:]:
+        method.step(opt, model, x, t)
+
+    fresh, _ = _model(kind, dtype, seed=123)  # other weights, other sampling seed
+    opt2 = method.make(fresh, seed=99) if "kfac" in method.name else method.make(fresh)
+    fresh.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for x, t in data[4:]:
+        method.step(opt2, fresh, x, t)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    assert_same(opt.state_dict(), opt2.state_dict())
+    # the curvature keeps its own dtype (torch would cast it to the parameters')
+    for name in opt.layer_names:
+        for value in opt2.curvature(name).arrays().values():
+            assert value.dtype in (dtype, torch.bool)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_half_precision_model_keeps_float32_curvature_through_a_checkpoint(method):
+    model = mlp().to(torch.bfloat16)
+    opt = method.make(model)
+    (x, t), *_ = batches((3,), 1, dtype=torch.bfloat16)
+    method.step(opt, model, x, t)
+    opt2 = method.make(model)
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    for name in opt.layer_names:
+        for value in opt2.curvature(name).arrays().values():
+            assert value.dtype in (torch.float32, torch.bool)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_state_dict_loads_with_weights_only_and_holds_no_objects(method):
+    model, shape = _model("mlp", torch.float64)
+    opt = method.make(model)
+    x, t = batches(shape, 1)[0]
+    method.step(opt, model, x, t)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)  # raises on anything that would run code
+    opt.load_state_dict(loaded)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+@pytest.mark.parametrize("method", METHODS[:1] + METHODS[3:4], ids=str)
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(method):
+    model, shape = _model("mlp", torch.float64)
+    opt = method.make(model)
+    x, t = batches(shape, 1)[0]
+    method.step(opt, model, x, t)
+    bad = opt.state_dict()
+    bad["curvlin"]["payload"] = _Payload()
+    buf = io.BytesIO()
+    torch.save(bad, buf)
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buf, weights_only=True)
+    before = roundtrip(opt.state_dict())
+    with pytest.raises(TypeError, match="payload"):  # and if loaded by other means
+        opt.load_state_dict(bad)
+    assert_same(before, opt.state_dict())
+
+
+def _corrupt(sd, how, layer):
+    arrays = sd["curvlin"]["driver"]["layers"][layer]["arrays"]
+    key = next(iter(arrays))
+    if how == "nan":
+        arrays[key] = arrays[key].clone()
+        arrays[key][(0,) * arrays[key].ndim] = float("nan")
+    elif how == "shape":
+        arrays[key] = torch.zeros(*(s + 1 for s in arrays[key].shape), dtype=arrays[key].dtype)
+    elif how == "dtype":
+        arrays[key] = arrays[key].to(torch.float16)
+    elif how == "missing":
+        del arrays[key]
+    elif how == "unknown":
+        arrays["bogus"] = arrays[key]
+    elif how == "counter":
+        counters = sd["curvlin"]["driver"]["layers"][layer]["counters"]
+        counters[next(iter(counters))] = -1
+    elif how == "momentum":
+        slot = next(iter(sd["state"].values()))
+        slot["momentum_buffer"] = torch.zeros(7, dtype=torch.float64)
+    elif how == "method":
+        sd["curvlin"]["method"] = "Shampoo"
+    elif how == "format":
+        sd["curvlin"]["format"] = 99
+    return key
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("nan", "holds NaN or inf"),
+        ("shape", "has shape"),
+        ("dtype", "has dtype"),
+        ("missing", "missing buffer|do not form"),
+        ("unknown", "unknown buffers"),
+        ("counter", "must be an int >= 0"),
+        ("momentum", "momentum_buffer"),
+        ("method", "is from 'Shampoo'"),
+        ("format", "format"),
+    ],
+)
+def test_corrupted_checkpoint_is_refused_naming_the_buffer_and_changes_nothing(method, how, match):
+    model, shape = _model("mlp", torch.float64)
+    opt = method.make(model)
+    for x, t in batches(shape, 2):
+        method.step(opt, model, x, t)
+    sd = roundtrip(opt.state_dict())
+    key = _corrupt(sd, how, "0")
+    before = roundtrip(opt.state_dict())
+    with pytest.raises(ValueError, match=match) as info:
+        opt.load_state_dict(sd)
+    if how in ("nan", "shape", "dtype"):
+        assert "'0'" in str(info.value)
+        assert repr(key) in str(info.value)
+    assert_same(before, opt.state_dict())
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_checkpoint_of_another_model_is_refused(method):
+    model, shape = _model("mlp", torch.float64)
+    opt = method.make(model)
+    x, t = batches(shape, 1)[0]
+    method.step(opt, model, x, t)
+    wider = mlp(hidden=6)
+    other = method.make(wider)
+    before = roundtrip(other.state_dict())
+    with pytest.raises(ValueError, match=r"'0\.weight'.*shape|layer '0'.*shape") as info:
+        other.load_state_dict(roundtrip(opt.state_dict()))
+    assert "expected" in str(info.value)
+    assert_same(before, other.state_dict())
+    deeper = nn.Sequential(*mlp(), nn.Linear(4, 4)).double()
+    with pytest.raises(ValueError, match="another model"):
+        method.make(deeper).load_state_dict(roundtrip(opt.state_dict()))
+
+
+def test_checkpoint_of_another_method_is_refused():
+    kfac, kbfgs = next(m for m in METHODS if m.name == "kfac"), METHODS[-1]
+    model, shape = _model("mlp", torch.float64)
+    opt = kbfgs.make(model)
+    x, t = batches(shape, 1)[0]
+    kbfgs.step(opt, model, x, t)
+    with pytest.raises(ValueError, match="is from 'KBFGSL', not 'KFAC'"):
+        kfac.make(model).load_state_dict(roundtrip(opt.state_dict()))
+    with pytest.raises(ValueError, match="no 'curvlin' entry"):
+        KFAC(model).load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_fallback_optimizer_state_resumes_bit_exact(method):
+    def make(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4))
+        return model.double()
+
+    data = batches((3,), 6)
+    model = make(0)
+    opt = method.make(model, unsupported=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    for x, t in data[:3]:
+        method.step(opt, model, x, t)
+    assert any("exp_avg" in slot for slot in opt.state_dict()["state"].values())
+    saved, saved_model = roundtrip(opt.state_dict()), roundtrip(model.state_dict())
+    for x, t in data[3:]:
+        method.step(opt, model, x, t)
+    fresh = make(1)
+    fresh.load_state_dict(saved_model)
+    opt2 = method.make(fresh, unsupported=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    opt2.load_state_dict(saved)
+    for x, t in data[3:]:
+        method.step(opt2, fresh, x, t)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
