@@ -125,16 +125,20 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
         )
     damping = check_damping(damping, "damping", "spd_solve", like=m)
     rhs = b[:, None] if vector else b
+    stack = tuple(m.shape[:-2])
+    if not isinstance(damping, float):  # a damping array may enlarge the stack (checked above)
+        stack = np.broadcast_shapes(stack, tuple(damping.shape))
     try:
-        batch = np.broadcast_shapes(tuple(m.shape[:-2]), tuple(rhs.shape[:-2]))
+        batch = np.broadcast_shapes(stack, tuple(rhs.shape[:-2]))
     except ValueError:
         raise ValueError(
             f"spd_solve: stack shapes of m {tuple(m.shape)} and b {tuple(b.shape)} do not broadcast"
         ) from None
+    shape = (*batch, n, rhs.shape[-1])
     work = _damped(backend, _working_copy(backend, m), damping)
     factor = _cholesky(backend, work, "spd_solve", "m")
     factor = xp.broadcast_to(factor, (*batch, n, n))
-    rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), (*batch, n, rhs.shape[-1]))
+    rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), shape)
     x = xp.astype(backend.cholesky_solve(factor, rhs), b.dtype, copy=False)
     return x[..., 0] if vector else x
 

@@ -164,6 +164,18 @@ def test_spd_solve_reads_only_the_lower_triangle(xp, to_xp, rng):
     assert_close(out, np.linalg.solve(m, b), rtol=1e-11, what="upper triangle must be ignored")
 
 
+def test_spd_solve_damping_array_broadcasts_to_a_bigger_stack(xp, to_xp, rng):
+    """Regression: a damping array with more stack axes than ``m`` and ``b`` failed inside the
+    backend ("input operand has more dimensions than allowed"), as ``spd_inverse`` does not."""
+    m = random_spd(rng, 3)
+    d = np.array([0.1, 1.0])
+    b = rng.standard_normal(3)
+    out = spd_solve(to_xp(m), to_xp(b), damping=to_xp(d))
+    assert tuple(out.shape) == (2, 3)
+    expected = np.linalg.solve(_damped(m, d), np.broadcast_to(b, (2, 3))[..., None])[..., 0]
+    assert_close(out, expected, rtol=1e-12, what="spd_solve with a (2,) damping")
+
+
 # -- spd_inverse_root -----------------------------------------------------------------------
 
 
