@@ -11,6 +11,9 @@ Deciding whether to retry needs a look at a success flag on the host: once per c
 finite, then non-negative). These functions belong on the refresh path of an optimizer (every
 few steps), not in its per-step solve, which applies cached inverses with plain matrix
 products.
+
+An empty ``m`` (0×0 matrices, or a stack with a 0-size axis) has nothing to factorise:
+every function returns the empty result of the right shape and dtype, without a host look.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def spd_inverse(m: Array, /, *, damping=0.0) -> Array:
         If a matrix holds NaN or inf, or is not positive definite even after jitter and a
         float64 retry.
 
+    Notes
+    -----
+    Empty input is no error: the inverse of 0×0 matrices is 0×0, and an empty stack (such as
+    ``(0, n, n)``) gives an empty stack, in ``m``'s dtype; nothing is factorised.
+
     References
     ----------
     Golub & Van Loan, *Matrix Computations*, 4th ed., §4.2 (Cholesky).
@@ -79,6 +87,8 @@ def spd_inverse(m: Array, /, *, damping=0.0) -> Array:
 def _inverse(backend: Backend, m: Array, damping, func: str, name: str) -> Array:
     """:func:`spd_inverse` after validation; ``func`` and ``name`` label its errors."""
     work = _damped(backend, _working_copy(backend, m), damping)
+    if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to factorise
+        return _zeros(backend, work.shape, m)
     factor = _cholesky(backend, work, func, name)
     return backend.xp.astype(backend.cholesky_inverse(factor), m.dtype, copy=False)
 
@@ -105,6 +115,12 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
     ------
     LinAlgError
         As in :func:`spd_inverse`.
+
+    Notes
+    -----
+    If ``x`` is empty, nothing is solved: with an empty ``m`` (0×0 matrices or an empty stack)
+    nothing is factorised either; with a non-empty ``m`` and an empty ``b`` (``k = 0`` columns
+    or an empty stack) ``m`` is still factorised and its errors raised.
 
     Examples
     --------
@@ -136,7 +152,11 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
         ) from None
     shape = (*batch, n, rhs.shape[-1])
     work = _damped(backend, _working_copy(backend, m), damping)
+    if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to factorise
+        return _zeros(backend, shape[:-1] if vector else shape, b)
     factor = _cholesky(backend, work, "spd_solve", "m")
+    if math.prod(shape) == 0:  # m is factorised (and checked), but there is nothing to solve
+        return _zeros(backend, shape[:-1] if vector else shape, b)
     factor = xp.broadcast_to(factor, (*batch, n, n))
     rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), shape)
     x = xp.astype(backend.cholesky_solve(factor, rhs), b.dtype, copy=False)
@@ -148,7 +168,8 @@ def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
 
     Computed from an eigendecomposition. Eigenvalues of ``m + damping·I`` that are negative by
     no more than roundoff (``n·eps·max|λ|``) are raised to that tolerance; clearly negative ones
-    raise :class:`~curvlin.LinAlgError`.
+    raise :class:`~curvlin.LinAlgError`. Empty input (0×0 matrices or an empty stack) gives the
+    empty result, as in :func:`spd_inverse`.
 
     Parameters
     ----------
@@ -188,6 +209,8 @@ def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
     damping = check_damping(damping, "damping", "spd_inverse_root", like=m)
     xp = backend.xp
     work = _damped(backend, _working_copy(backend, m), damping)
+    if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to decompose
+        return _zeros(backend, work.shape, m)
     evals, evecs, tol = _eigh_checked(backend, work, "spd_inverse_root", "m")
     evals = xp.maximum(evals, tol)
     root = (evecs * (evals ** (-1.0 / float(p)))[..., None, :]) @ xp.matrix_transpose(evecs)
@@ -203,6 +226,18 @@ def _working_copy(backend: Backend, m: Array) -> Array:
     if m.dtype in (xp.float32, xp.float64):
         return m
     return xp.astype(m, xp.float32)
+
+
+def _is_empty(m: Array) -> bool:
+    """Whether ``m`` has no elements (a shape check: no host synchronisation)."""
+    return math.prod(m.shape) == 0
+
+
+def _zeros(backend: Backend, shape, like: Array) -> Array:
+    """Zeros of ``shape`` in ``like``'s dtype and on its device (the empty results)."""
+    from array_api_compat import device
+
+    return backend.xp.zeros(tuple(shape), dtype=like.dtype, device=device(like))
 
 
 def _identity(backend: Backend, m: Array) -> Array:
