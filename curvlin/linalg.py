@@ -312,9 +312,15 @@ def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Arr
     """Eigenpairs of a PSD ``m`` and a roundoff tolerance per matrix.
 
     Eigenvalues negative by no more than the tolerance are set to 0; clearly negative ones,
-    NaN or inf raise :class:`LinAlgError`. The float64 retry may return float64 arrays.
+    NaN or inf raise :class:`LinAlgError`. The float64 retry may return float64 arrays. An
+    empty ``m`` gives empty eigenpairs (zeros of the right shapes) without calling ``eigh``.
     """
     xp = backend.xp
+    n = m.shape[-1]
+    info = xp.finfo(m.dtype)
+    if _is_empty(m):
+        tol = _zeros(backend, (*m.shape[:-2], 1), m) + info.smallest_normal
+        return _zeros(backend, m.shape[:-1], m), _zeros(backend, m.shape, m), tol
     for dtype in dict.fromkeys((m.dtype, xp.float64)):  # retry in float64 if eigh fails
         work = xp.astype(m, dtype, copy=False)
         try:
@@ -326,7 +332,6 @@ def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Arr
     else:
         _raise_if_not_finite(xp, m, func, name)
         raise LinAlgError(f"{func}: eigendecomposition of {name} did not converge")
-    n = m.shape[-1]
     tol = n * xp.finfo(work.dtype).eps * xp.max(xp.abs(evals), axis=-1, keepdims=True)
     tol = xp.where(tol > 0, tol, xp.full_like(tol, xp.finfo(work.dtype).smallest_normal))
     if not bool(xp.all(evals >= -tol)):

@@ -347,3 +347,41 @@ def test_kron_solve_float32_accuracy(xp, to_xp, to_np, rng):
     expected = dense_kron_solve(big, x, 2)
     err = np.max(np.abs(out - expected)) / np.max(np.abs(expected))
     assert err < 1e-5
+
+
+# -- empty factors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("where", [0, 1, 2])
+@pytest.mark.parametrize("exact", [False, True], ids=["factored", "exact"])
+def test_kron_empty_factor_gives_empty_solves(xp, to_xp, rng, exact, where, dtype):
+    """Regression: ``exact=True`` with a 0×0 factor failed inside the eigenvalue tolerance
+    (a maximum over an empty axis). Both modes now return empty arrays shaped like ``x``."""
+    mats = [random_spd(rng, 3), random_spd(rng, 2), random_spd(rng, 4)]
+    mats[where] = np.zeros((0, 0))
+    dims = tuple(m.shape[0] for m in mats)
+    fs = [to_xp(m, dtype) for m in mats]
+    for damping in (0.1, 0.0):  # an empty product is not singular, even without damping
+        fact = kron_factorize(fs, damping=damping, exact=exact)
+        assert fact.dims == dims
+        for batch in [(), (5,)]:
+            x = to_xp(np.ones((*batch, *dims)), dtype)
+            for out in (fact.solve(x), kron_solve(fs, x, damping=damping, exact=exact)):
+                assert tuple(out.shape) == (*batch, *dims)
+                assert out.dtype == getattr(xp, dtype)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["factored", "exact"])
+def test_kron_empty_factor_still_checks_the_others(xp, to_xp, exact):
+    bad = np.eye(3)
+    bad[1, 1] = np.nan
+    fs = [to_xp(np.zeros((0, 0))), to_xp(bad)]
+    with pytest.raises(curvlin.LinAlgError, match=r"kron_factorize: factors\[1\] of shape \(3, 3"):
+        kron_solve(fs, to_xp(np.ones((0, 3))), damping=0.1, exact=exact)
+
+
+def test_pi_damping_with_an_empty_factor_splits_evenly(xp, to_xp, to_np, rng):
+    """A 0×0 factor has trace 0, so π is undefined and the split is even (and warning-free)."""
+    gammas = pi_damping([to_xp(np.zeros((0, 0))), to_xp(4.0 * np.eye(3))], 0.01)
+    np.testing.assert_allclose([float(to_np(g)) for g in gammas], [0.1, 0.1], rtol=1e-12)
