@@ -7,10 +7,10 @@ on a nearly singular matrix) is retried on the failing matrices only, first with
 :class:`curvlin.LinAlgError` says which matrices and why. Nothing returns NaN or inf silently.
 
 Deciding whether to retry needs a look at a success flag on the host: once per call of
-:func:`spd_inverse` and :func:`spd_solve`, twice for :func:`spd_inverse_root` (eigenvalues
-finite, then non-negative). These functions belong on the refresh path of an optimizer (every
-few steps), not in its per-step solve, which applies cached inverses with plain matrix
-products.
+:func:`spd_inverse` and :func:`spd_solve` (whose one look also covers the finiteness of the
+right-hand side), twice for :func:`spd_inverse_root` (eigenvalues finite, then non-negative).
+These functions belong on the refresh path of an optimizer (every few steps), not in its
+per-step solve, which applies cached inverses with plain matrix products.
 
 An empty ``m`` (0×0 matrices, or a stack with a 0-size axis) has nothing to factorise:
 every function returns the empty result of the right shape and dtype, without a host look.
@@ -114,13 +114,14 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
     Raises
     ------
     LinAlgError
-        As in :func:`spd_inverse`.
+        As in :func:`spd_inverse`, and if ``b`` holds NaN or inf (the solve would be NaN).
 
     Notes
     -----
-    If ``x`` is empty, nothing is solved: with an empty ``m`` (0×0 matrices or an empty stack)
-    nothing is factorised either; with a non-empty ``m`` and an empty ``b`` (``k = 0`` columns
-    or an empty stack) ``m`` is still factorised and its errors raised.
+    The finiteness of ``b`` is checked in the same single host look that checks the
+    factorisation. If ``x`` is empty, nothing is solved: with an empty ``m`` (0×0 matrices or
+    an empty stack) nothing is factorised either; with a non-empty ``m`` and an empty ``b``
+    (``k = 0`` columns or an empty stack) ``m`` is still factorised and its errors raised.
 
     Examples
     --------
@@ -154,7 +155,7 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
     work = _damped(backend, _working_copy(backend, m), damping)
     if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to factorise
         return _zeros(backend, shape[:-1] if vector else shape, b)
-    factor = _cholesky(backend, work, "spd_solve", "m")
+    factor = _cholesky(backend, work, "spd_solve", "m", rhs=("b", b))
     if math.prod(shape) == 0:  # m is factorised (and checked), but there is nothing to solve
         return _zeros(backend, shape[:-1] if vector else shape, b)
     factor = xp.broadcast_to(factor, (*batch, n, n))
@@ -266,13 +267,31 @@ def _mean_diagonal(xp, m: Array) -> Array:
     return xp.where(good, scale, xp.ones_like(scale))
 
 
-def _cholesky(backend: Backend, m: Array, func: str, name: str) -> Array:
-    """Lower Cholesky factor of ``m``, recovered with jitter and float64 if it fails."""
+def _cholesky(
+    backend: Backend, m: Array, func: str, name: str, *, rhs: tuple[str, Array] | None = None
+) -> Array:
+    """Lower Cholesky factor of ``m``, recovered with jitter and float64 if it fails.
+
+    With ``rhs=(name, b)``, a right-hand side that must be finite is checked in the same host
+    look as the factorisation, and :class:`LinAlgError` names it if it is not.
+    """
     xp = backend.xp
     factor, ok = backend.cholesky_ex(m)
-    if bool(xp.all(ok)):  # the one host look per call; see the module docstring
+    good = xp.all(ok)
+    if rhs is not None:
+        rhs_finite = xp.all(xp.isfinite(rhs[1]))
+        good = xp.logical_and(good, rhs_finite)
+    if bool(good):  # the one host look per call; see the module docstring
         return factor
-    _raise_if_not_finite(xp, m, func, name)
+    if not bool(xp.all(ok)):
+        _raise_if_not_finite(xp, m, func, name)
+    if rhs is not None and not bool(rhs_finite):
+        rhs_name, b = rhs
+        bad = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(b)), xp.int32)))
+        raise LinAlgError(
+            f"{func}: {rhs_name} of shape {tuple(b.shape)} holds NaN or inf in {bad} of its "
+            f"{math.prod(b.shape)} entries; the solve would not be finite"
+        )
     scale = _mean_diagonal(xp, m)[..., None, None] * _identity(backend, m)
     attempts = [(m.dtype, c * xp.finfo(m.dtype).eps) for c in _JITTER_EPS_MULTIPLES]
     attempts += [(xp.float64, c) for c in _JITTER_FLOAT64]

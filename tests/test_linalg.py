@@ -444,3 +444,39 @@ def test_empty_stack_from_a_damping_array(xp, to_xp, rng):
     assert tuple(spd_solve(to_xp(m), to_xp(np.ones(3)), damping=empty).shape) == (0, 3)
     big = to_xp(np.ones((2, 1)))
     assert tuple(spd_inverse(to_xp(np.zeros((0, 3, 3))), damping=big).shape) == (2, 0, 3, 3)
+
+
+# -- host looks ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host_looks(xp, to_xp, monkeypatch):
+    """A list that records every ``bool``/``int``/``float`` of an array of the backend.
+
+    NumPy and CuPy arrays cannot be instrumented (their types are immutable): skipped there.
+    """
+    cls = type(to_xp(np.zeros(1)))
+    if cls.__module__.split(".")[0] in ("numpy", "cupy"):
+        pytest.skip(f"{cls.__module__}.{cls.__name__} cannot be instrumented")
+    seen: list[str] = []
+    for dunder in ("__bool__", "__int__", "__float__"):
+        original = getattr(cls, dunder)
+
+        def counted(self, _original=original, _name=dunder):
+            seen.append(_name)
+            return _original(self)
+
+        monkeypatch.setattr(cls, dunder, counted)
+    return seen
+
+
+def test_spd_solve_looks_at_the_host_once(xp, to_xp, rng, host_looks):
+    """The check of ``b``'s finiteness shares the one look that checks the factorisation."""
+    m, b = to_xp(random_spd(rng, 4, (2,))), to_xp(rng.standard_normal((2, 4, 3)))
+    spd_solve(m, b)
+    assert len(host_looks) == 1, host_looks
+    host_looks.clear()
+    spd_solve(to_xp(np.zeros((0, 4, 4))), b[:0, ...])  # empty: nothing to look at
+    spd_inverse(to_xp(np.zeros((2, 0, 0))))
+    spd_inverse_root(to_xp(np.zeros((0, 3, 3))), 2)
+    assert host_looks == []
