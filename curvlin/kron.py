@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ._errors import LinAlgError
 from ._validation import check_damping, check_kron_operand, factor_list
 from .backends import Array, Backend
-from .linalg import _eigh_checked, _inverse, _zeros
+from .linalg import _eigh_checked, _inverse, _working_copy, _zeros
 
 __all__ = [
     "KronFactorization",
@@ -269,6 +269,12 @@ def kron_factorize(factors, /, *, damping=0.0, exact: bool = False) -> KronFacto
     A refresh looks at a success flag on the host a small, fixed number of times per factor
     (see :mod:`curvlin.linalg`); solves never synchronise.
 
+    With ``exact=True``, a factor's eigenvalues that are negative by no more than roundoff,
+    ``d_i·eps·max|λ|`` with the ``eps`` of the factors' dtype (float32's for float16 and
+    bfloat16 factors, which are decomposed in float32), are taken as 0 and clearly negative
+    ones raise; this holds also where the eigendecomposition is retried in float64, so a Gram
+    matrix ``XᵀX`` formed in float32, rank-deficient or not, is accepted.
+
     A 0×0 factor is no error, in either mode: the Kronecker product is then 0×0 and every
     solve returns an empty array shaped like ``x`` (with ``x``'s zero-size axis). The other
     factors are still factorised and checked; π damping sees the empty factor's trace as 0
@@ -311,7 +317,8 @@ def _eigen_factorization(backend: Backend, factors: list[Array], damping) -> Kro
     k = len(factors)
     lam, vecs = None, []
     for i, f in enumerate(factors):
-        evals, evecs, _ = _eigh_checked(backend, f, "kron_factorize", f"factors[{i}]")
+        work = _working_copy(backend, f)  # float16/bfloat16 are decomposed in float32
+        evals, evecs, _ = _eigh_checked(backend, work, "kron_factorize", f"factors[{i}]")
         evals = xp.astype(evals, f.dtype, copy=False)
         evecs = xp.astype(evecs, f.dtype, copy=False)
         vecs.append(evecs)
@@ -355,7 +362,8 @@ def kron_solve(factors, x: Array, /, *, damping=0.0, exact: bool = False) -> Arr
 
     Notes
     -----
-    As in :func:`kron_factorize`: a 0×0 factor gives an empty result shaped like ``x``.
+    As in :func:`kron_factorize`: a 0×0 factor gives an empty result shaped like ``x``, and
+    float32 Gram factors are accepted with ``exact=True``.
 
     References
     ----------

@@ -168,9 +168,11 @@ def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
     """Inverse ``p``-th root of symmetric positive definite matrices, ``(m + damping·I)^(-1/p)``.
 
     Computed from an eigendecomposition. Eigenvalues of ``m + damping·I`` that are negative by
-    no more than roundoff (``n·eps·max|λ|``) are raised to that tolerance; clearly negative ones
-    raise :class:`~curvlin.LinAlgError`. Empty input (0×0 matrices or an empty stack) gives the
-    empty result, as in :func:`spd_inverse`.
+    no more than roundoff (``n·eps·max|λ|``, with the ``eps`` of ``m``'s dtype even where the
+    eigendecomposition is retried in float64; float32's for float16 and bfloat16, which are
+    computed in float32) are raised to that tolerance; clearly negative ones raise
+    :class:`~curvlin.LinAlgError`. Empty input (0×0 matrices or an empty stack) gives the empty
+    result, as in :func:`spd_inverse`.
 
     Parameters
     ----------
@@ -330,9 +332,13 @@ def _raise_if_not_finite(xp, m: Array, func: str, name: str) -> None:
 def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Array, Array, Array]:
     """Eigenpairs of a PSD ``m`` and a roundoff tolerance per matrix.
 
-    Eigenvalues negative by no more than the tolerance are set to 0; clearly negative ones,
-    NaN or inf raise :class:`LinAlgError`. The float64 retry may return float64 arrays. An
-    empty ``m`` gives empty eigenpairs (zeros of the right shapes) without calling ``eigh``.
+    Eigenvalues negative by no more than the tolerance ``n·eps·max|λ|`` are set to 0; clearly
+    negative ones, NaN or inf raise :class:`LinAlgError`. ``eps`` is that of ``m``'s dtype, the
+    precision ``m`` was rounded to, also when the eigendecomposition is retried in float64:
+    a float32 Gram matrix has eigenvalues that are negative by float32 roundoff, which a
+    float64 eigendecomposition resolves rather than rounds away. The float64 retry may return
+    float64 arrays. An empty ``m`` gives empty eigenpairs (zeros of the right shapes) without
+    calling ``eigh``.
     """
     xp = backend.xp
     n = m.shape[-1]
@@ -351,8 +357,9 @@ def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Arr
     else:
         _raise_if_not_finite(xp, m, func, name)
         raise LinAlgError(f"{func}: eigendecomposition of {name} did not converge")
-    tol = n * xp.finfo(work.dtype).eps * xp.max(xp.abs(evals), axis=-1, keepdims=True)
-    tol = xp.where(tol > 0, tol, xp.full_like(tol, xp.finfo(work.dtype).smallest_normal))
+    # The input's eps, not that of the dtype eigh succeeded in (see the docstring).
+    tol = n * info.eps * xp.max(xp.abs(evals), axis=-1, keepdims=True)
+    tol = xp.where(tol > 0, tol, xp.full_like(tol, info.smallest_normal))
     if not bool(xp.all(evals >= -tol)):
         low = float(xp.min(evals))
         raise LinAlgError(
