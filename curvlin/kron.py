@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ._errors import LinAlgError
 from ._validation import check_damping, check_kron_operand, factor_list
 from .backends import Array, Backend
-from .linalg import _eigh_checked, _inverse
+from .linalg import _eigh_checked, _inverse, _working_copy, _zeros
 
 __all__ = [
     "KronFactorization",
@@ -159,13 +159,20 @@ def pi_damping(factors, damping, /) -> tuple[Array, ...]:
 def _pi_damping(backend: Backend, factors: list[Array], damping) -> tuple[Array, ...]:
     xp = backend.xp
     k = len(factors)
-    traces = xp.stack([xp.mean(xp.linalg.diagonal(f)) for f in factors])
+    traces = xp.stack([_mean_diagonal(backend, f) for f in factors])
     usable = xp.all(xp.logical_and(xp.isfinite(traces), traces > 0))
     safe = xp.where(usable, traces, xp.ones_like(traces))
     pis = safe / xp.exp(xp.mean(xp.log(safe)))
     total = damping ** (1.0 / k)
     # Slicing then reshaping keeps 0-d arrays (NumPy would turn scalar results into np.float64).
     return tuple(xp.reshape(total * pis[i : i + 1], ()) for i in range(k))
+
+
+def _mean_diagonal(backend: Backend, f: Array) -> Array:
+    """``tr(f)/dim(f)`` as a 0-d array; 0 for a 0×0 factor (so π falls back to an even split)."""
+    if f.shape[0] == 0:  # a mean over nothing would be NaN, with a warning on NumPy
+        return _zeros(backend, (), f)
+    return backend.xp.mean(backend.xp.linalg.diagonal(f))
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,17 @@ def kron_factorize(factors, /, *, damping=0.0, exact: bool = False) -> KronFacto
     A refresh looks at a success flag on the host a small, fixed number of times per factor
     (see :mod:`curvlin.linalg`); solves never synchronise.
 
+    With ``exact=True``, a factor's eigenvalues that are negative by no more than roundoff,
+    ``d_i·eps·max|λ|`` with the ``eps`` of the factors' dtype (float32's for float16 and
+    bfloat16 factors, which are decomposed in float32), are taken as 0 and clearly negative
+    ones raise; this holds also where the eigendecomposition is retried in float64, so a Gram
+    matrix ``XᵀX`` formed in float32, rank-deficient or not, is accepted.
+
+    A 0×0 factor is no error, in either mode: the Kronecker product is then 0×0 and every
+    solve returns an empty array shaped like ``x`` (with ``x``'s zero-size axis). The other
+    factors are still factorised and checked; π damping sees the empty factor's trace as 0
+    and splits ``damping`` evenly.
+
     References
     ----------
     Martens & Grosse (2015), §6.3 (factored Tikhonov damping) and the exact damping of
@@ -299,7 +317,8 @@ def _eigen_factorization(backend: Backend, factors: list[Array], damping) -> Kro
     k = len(factors)
     lam, vecs = None, []
     for i, f in enumerate(factors):
-        evals, evecs, _ = _eigh_checked(backend, f, "kron_factorize", f"factors[{i}]")
+        work = _working_copy(backend, f)  # float16/bfloat16 are decomposed in float32
+        evals, evecs, _ = _eigh_checked(backend, work, "kron_factorize", f"factors[{i}]")
         evals = xp.astype(evals, f.dtype, copy=False)
         evecs = xp.astype(evecs, f.dtype, copy=False)
         vecs.append(evecs)
@@ -340,6 +359,11 @@ def kron_solve(factors, x: Array, /, *, damping=0.0, exact: bool = False) -> Arr
     ------
     LinAlgError
         As in :func:`kron_factorize`.
+
+    Notes
+    -----
+    As in :func:`kron_factorize`: a 0×0 factor gives an empty result shaped like ``x``, and
+    float32 Gram factors are accepted with ``exact=True``.
 
     References
     ----------

@@ -7,10 +7,13 @@ on a nearly singular matrix) is retried on the failing matrices only, first with
 :class:`curvlin.LinAlgError` says which matrices and why. Nothing returns NaN or inf silently.
 
 Deciding whether to retry needs a look at a success flag on the host: once per call of
-:func:`spd_inverse` and :func:`spd_solve`, twice for :func:`spd_inverse_root` (eigenvalues
-finite, then non-negative). These functions belong on the refresh path of an optimizer (every
-few steps), not in its per-step solve, which applies cached inverses with plain matrix
-products.
+:func:`spd_inverse` and :func:`spd_solve` (whose one look also covers the finiteness of the
+right-hand side), twice for :func:`spd_inverse_root` (eigenvalues finite, then non-negative).
+These functions belong on the refresh path of an optimizer (every few steps), not in its
+per-step solve, which applies cached inverses with plain matrix products.
+
+An empty ``m`` (0×0 matrices, or a stack with a 0-size axis) has nothing to factorise:
+every function returns the empty result of the right shape and dtype, without a host look.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def spd_inverse(m: Array, /, *, damping=0.0) -> Array:
         If a matrix holds NaN or inf, or is not positive definite even after jitter and a
         float64 retry.
 
+    Notes
+    -----
+    Empty input is no error: the inverse of 0×0 matrices is 0×0, and an empty stack (such as
+    ``(0, n, n)``) gives an empty stack, in ``m``'s dtype; nothing is factorised.
+
     References
     ----------
     Golub & Van Loan, *Matrix Computations*, 4th ed., §4.2 (Cholesky).
@@ -79,6 +87,8 @@ def spd_inverse(m: Array, /, *, damping=0.0) -> Array:
 def _inverse(backend: Backend, m: Array, damping, func: str, name: str) -> Array:
     """:func:`spd_inverse` after validation; ``func`` and ``name`` label its errors."""
     work = _damped(backend, _working_copy(backend, m), damping)
+    if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to factorise
+        return _zeros(backend, work.shape, m)
     factor = _cholesky(backend, work, func, name)
     return backend.xp.astype(backend.cholesky_inverse(factor), m.dtype, copy=False)
 
@@ -104,7 +114,14 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
     Raises
     ------
     LinAlgError
-        As in :func:`spd_inverse`.
+        As in :func:`spd_inverse`, and if ``b`` holds NaN or inf (the solve would be NaN).
+
+    Notes
+    -----
+    The finiteness of ``b`` is checked in the same single host look that checks the
+    factorisation. If ``x`` is empty, nothing is solved: with an empty ``m`` (0×0 matrices or
+    an empty stack) nothing is factorised either; with a non-empty ``m`` and an empty ``b``
+    (``k = 0`` columns or an empty stack) ``m`` is still factorised and its errors raised.
 
     Examples
     --------
@@ -125,16 +142,24 @@ def spd_solve(m: Array, b: Array, /, *, damping=0.0) -> Array:
         )
     damping = check_damping(damping, "damping", "spd_solve", like=m)
     rhs = b[:, None] if vector else b
+    stack = tuple(m.shape[:-2])
+    if not isinstance(damping, float):  # a damping array may enlarge the stack (checked above)
+        stack = np.broadcast_shapes(stack, tuple(damping.shape))
     try:
-        batch = np.broadcast_shapes(tuple(m.shape[:-2]), tuple(rhs.shape[:-2]))
+        batch = np.broadcast_shapes(stack, tuple(rhs.shape[:-2]))
     except ValueError:
         raise ValueError(
             f"spd_solve: stack shapes of m {tuple(m.shape)} and b {tuple(b.shape)} do not broadcast"
         ) from None
+    shape = (*batch, n, rhs.shape[-1])
     work = _damped(backend, _working_copy(backend, m), damping)
-    factor = _cholesky(backend, work, "spd_solve", "m")
+    if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to factorise
+        return _zeros(backend, shape[:-1] if vector else shape, b)
+    factor = _cholesky(backend, work, "spd_solve", "m", rhs=("b", b))
+    if math.prod(shape) == 0:  # m is factorised (and checked), but there is nothing to solve
+        return _zeros(backend, shape[:-1] if vector else shape, b)
     factor = xp.broadcast_to(factor, (*batch, n, n))
-    rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), (*batch, n, rhs.shape[-1]))
+    rhs = xp.broadcast_to(xp.astype(rhs, factor.dtype), shape)
     x = xp.astype(backend.cholesky_solve(factor, rhs), b.dtype, copy=False)
     return x[..., 0] if vector else x
 
@@ -143,8 +168,11 @@ def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
     """Inverse ``p``-th root of symmetric positive definite matrices, ``(m + damping·I)^(-1/p)``.
 
     Computed from an eigendecomposition. Eigenvalues of ``m + damping·I`` that are negative by
-    no more than roundoff (``n·eps·max|λ|``) are raised to that tolerance; clearly negative ones
-    raise :class:`~curvlin.LinAlgError`.
+    no more than roundoff (``n·eps·max|λ|``, with the ``eps`` of ``m``'s dtype even where the
+    eigendecomposition is retried in float64; float32's for float16 and bfloat16, which are
+    computed in float32) are raised to that tolerance; clearly negative ones raise
+    :class:`~curvlin.LinAlgError`. Empty input (0×0 matrices or an empty stack) gives the empty
+    result, as in :func:`spd_inverse`.
 
     Parameters
     ----------
@@ -184,6 +212,8 @@ def spd_inverse_root(m: Array, p, /, *, damping=0.0) -> Array:
     damping = check_damping(damping, "damping", "spd_inverse_root", like=m)
     xp = backend.xp
     work = _damped(backend, _working_copy(backend, m), damping)
+    if _is_empty(work):  # 0×0 matrices or an empty stack: nothing to decompose
+        return _zeros(backend, work.shape, m)
     evals, evecs, tol = _eigh_checked(backend, work, "spd_inverse_root", "m")
     evals = xp.maximum(evals, tol)
     root = (evecs * (evals ** (-1.0 / float(p)))[..., None, :]) @ xp.matrix_transpose(evecs)
@@ -199,6 +229,18 @@ def _working_copy(backend: Backend, m: Array) -> Array:
     if m.dtype in (xp.float32, xp.float64):
         return m
     return xp.astype(m, xp.float32)
+
+
+def _is_empty(m: Array) -> bool:
+    """Whether ``m`` has no elements (a shape check: no host synchronisation)."""
+    return math.prod(m.shape) == 0
+
+
+def _zeros(backend: Backend, shape, like: Array) -> Array:
+    """Zeros of ``shape`` in ``like``'s dtype and on its device (the empty results)."""
+    from array_api_compat import device
+
+    return backend.xp.zeros(tuple(shape), dtype=like.dtype, device=device(like))
 
 
 def _identity(backend: Backend, m: Array) -> Array:
@@ -227,13 +269,31 @@ def _mean_diagonal(xp, m: Array) -> Array:
     return xp.where(good, scale, xp.ones_like(scale))
 
 
-def _cholesky(backend: Backend, m: Array, func: str, name: str) -> Array:
-    """Lower Cholesky factor of ``m``, recovered with jitter and float64 if it fails."""
+def _cholesky(
+    backend: Backend, m: Array, func: str, name: str, *, rhs: tuple[str, Array] | None = None
+) -> Array:
+    """Lower Cholesky factor of ``m``, recovered with jitter and float64 if it fails.
+
+    With ``rhs=(name, b)``, a right-hand side that must be finite is checked in the same host
+    look as the factorisation, and :class:`LinAlgError` names it if it is not.
+    """
     xp = backend.xp
     factor, ok = backend.cholesky_ex(m)
-    if bool(xp.all(ok)):  # the one host look per call; see the module docstring
+    good = xp.all(ok)
+    if rhs is not None:
+        rhs_finite = xp.all(xp.isfinite(rhs[1]))
+        good = xp.logical_and(good, rhs_finite)
+    if bool(good):  # the one host look per call; see the module docstring
         return factor
-    _raise_if_not_finite(xp, m, func, name)
+    if not bool(xp.all(ok)):
+        _raise_if_not_finite(xp, m, func, name)
+    if rhs is not None and not bool(rhs_finite):
+        rhs_name, b = rhs
+        bad = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(b)), xp.int32)))
+        raise LinAlgError(
+            f"{func}: {rhs_name} of shape {tuple(b.shape)} holds NaN or inf in {bad} of its "
+            f"{math.prod(b.shape)} entries; the solve would not be finite"
+        )
     scale = _mean_diagonal(xp, m)[..., None, None] * _identity(backend, m)
     attempts = [(m.dtype, c * xp.finfo(m.dtype).eps) for c in _JITTER_EPS_MULTIPLES]
     attempts += [(xp.float64, c) for c in _JITTER_FLOAT64]
@@ -272,10 +332,20 @@ def _raise_if_not_finite(xp, m: Array, func: str, name: str) -> None:
 def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Array, Array, Array]:
     """Eigenpairs of a PSD ``m`` and a roundoff tolerance per matrix.
 
-    Eigenvalues negative by no more than the tolerance are set to 0; clearly negative ones,
-    NaN or inf raise :class:`LinAlgError`. The float64 retry may return float64 arrays.
+    Eigenvalues negative by no more than the tolerance ``n·eps·max|λ|`` are set to 0; clearly
+    negative ones, NaN or inf raise :class:`LinAlgError`. ``eps`` is that of ``m``'s dtype, the
+    precision ``m`` was rounded to, also when the eigendecomposition is retried in float64:
+    a float32 Gram matrix has eigenvalues that are negative by float32 roundoff, which a
+    float64 eigendecomposition resolves rather than rounds away. The float64 retry may return
+    float64 arrays. An empty ``m`` gives empty eigenpairs (zeros of the right shapes) without
+    calling ``eigh``.
     """
     xp = backend.xp
+    n = m.shape[-1]
+    info = xp.finfo(m.dtype)
+    if _is_empty(m):
+        tol = _zeros(backend, (*m.shape[:-2], 1), m) + info.smallest_normal
+        return _zeros(backend, m.shape[:-1], m), _zeros(backend, m.shape, m), tol
     for dtype in dict.fromkeys((m.dtype, xp.float64)):  # retry in float64 if eigh fails
         work = xp.astype(m, dtype, copy=False)
         try:
@@ -287,9 +357,9 @@ def _eigh_checked(backend: Backend, m: Array, func: str, name: str) -> tuple[Arr
     else:
         _raise_if_not_finite(xp, m, func, name)
         raise LinAlgError(f"{func}: eigendecomposition of {name} did not converge")
-    n = m.shape[-1]
-    tol = n * xp.finfo(work.dtype).eps * xp.max(xp.abs(evals), axis=-1, keepdims=True)
-    tol = xp.where(tol > 0, tol, xp.full_like(tol, xp.finfo(work.dtype).smallest_normal))
+    # The input's eps, not that of the dtype eigh succeeded in (see the docstring).
+    tol = n * info.eps * xp.max(xp.abs(evals), axis=-1, keepdims=True)
+    tol = xp.where(tol > 0, tol, xp.full_like(tol, info.smallest_normal))
     if not bool(xp.all(evals >= -tol)):
         low = float(xp.min(evals))
         raise LinAlgError(

@@ -344,3 +344,34 @@ def test_spd_solve_stacks_that_do_not_broadcast(xp, to_xp):
         match=r"spd_solve: stack shapes of m \(3, 3, 3\) and b \(2, 3, 1\) do not broadcast",
     ):
         spd_solve(m, to_xp(np.ones((2, 3, 1))))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("m_kind", "b_shape"),
+    [("spd", (3,)), ("spd", (2, 3, 2)), ("singular", (3, 1)), ("damped", (3,))],
+)
+def test_spd_solve_non_finite_b(xp, to_xp, bad, m_kind, b_shape):
+    # Regression: a NaN or inf in b went through the solve and came back as NaN, silently.
+    m = {"spd": np.eye(3), "singular": np.ones((3, 3)), "damped": np.diag([1.0, 0.0, 2.0])}
+    b = np.ones(b_shape)
+    b.reshape(-1)[1] = bad
+    damping = 0.1 if m_kind == "damped" else 0.0
+    with pytest.raises(
+        LinAlgError,
+        match=rf"spd_solve: b of shape {re.escape(str(b_shape))} holds NaN or inf in 1 of its "
+        rf"{b.size} entries",
+    ):
+        spd_solve(to_xp(m[m_kind]), to_xp(b), damping=damping)
+
+
+def test_spd_solve_non_finite_m_and_b_names_m_first(xp, to_xp):
+    m = np.eye(3)
+    m[2, 0] = np.nan
+    with pytest.raises(LinAlgError, match=r"spd_solve: m of shape \(3, 3\) holds NaN or inf"):
+        spd_solve(to_xp(m), to_xp(np.full(3, np.nan)))
+    # only the lower triangle of m is read: NaN above the diagonal is not m's fault
+    m = np.eye(3)
+    m[0, 2] = np.nan
+    with pytest.raises(LinAlgError, match=r"spd_solve: b of shape \(3, 1\) holds NaN or inf in 3"):
+        spd_solve(to_xp(m), to_xp(np.full((3, 1), np.inf)))

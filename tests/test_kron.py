@@ -347,3 +347,130 @@ def test_kron_solve_float32_accuracy(xp, to_xp, to_np, rng):
     expected = dense_kron_solve(big, x, 2)
     err = np.max(np.abs(out - expected)) / np.max(np.abs(expected))
     assert err < 1e-5
+
+
+# -- empty factors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("where", [0, 1, 2])
+@pytest.mark.parametrize("exact", [False, True], ids=["factored", "exact"])
+def test_kron_empty_factor_gives_empty_solves(xp, to_xp, rng, exact, where, dtype):
+    """Regression: ``exact=True`` with a 0×0 factor failed inside the eigenvalue tolerance
+    (a maximum over an empty axis). Both modes now return empty arrays shaped like ``x``."""
+    mats = [random_spd(rng, 3), random_spd(rng, 2), random_spd(rng, 4)]
+    mats[where] = np.zeros((0, 0))
+    dims = tuple(m.shape[0] for m in mats)
+    fs = [to_xp(m, dtype) for m in mats]
+    for damping in (0.1, 0.0):  # an empty product is not singular, even without damping
+        fact = kron_factorize(fs, damping=damping, exact=exact)
+        assert fact.dims == dims
+        for batch in [(), (5,)]:
+            x = to_xp(np.ones((*batch, *dims)), dtype)
+            for out in (fact.solve(x), kron_solve(fs, x, damping=damping, exact=exact)):
+                assert tuple(out.shape) == (*batch, *dims)
+                assert out.dtype == getattr(xp, dtype)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["factored", "exact"])
+def test_kron_empty_factor_still_checks_the_others(xp, to_xp, exact):
+    bad = np.eye(3)
+    bad[1, 1] = np.nan
+    fs = [to_xp(np.zeros((0, 0))), to_xp(bad)]
+    with pytest.raises(curvlin.LinAlgError, match=r"kron_factorize: factors\[1\] of shape \(3, 3"):
+        kron_solve(fs, to_xp(np.ones((0, 3))), damping=0.1, exact=exact)
+
+
+def test_pi_damping_with_an_empty_factor_splits_evenly(xp, to_xp, to_np, rng):
+    """A 0×0 factor has trace 0, so π is undefined and the split is even (and warning-free)."""
+    gammas = pi_damping([to_xp(np.zeros((0, 0))), to_xp(4.0 * np.eye(3))], 0.01)
+    np.testing.assert_allclose([float(to_np(g)) for g in gammas], [0.1, 0.1], rtol=1e-12)
+
+
+# -- float32 Gram factors with exact damping ----------------------------------------------------
+
+
+def _fail_float32_eigh(monkeypatch, xp):
+    """Make ``eigh`` fail in float32, as LAPACK's or cuSOLVER's "did not converge" can, so that
+    the eigendecomposition takes its float64 retry (which CPUs rarely need on these inputs)."""
+    eigh = xp.linalg.eigh
+
+    def failing(a, /, *args, **kwargs):
+        if a.dtype == xp.float32:
+            raise RuntimeError("injected: eigh did not converge in float32")
+        return eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(xp.linalg, "eigh", failing)
+
+
+#: ``(rows, columns)`` of the data behind each Gram factor ``[G, A]``, and the spread of the
+#: column scales ``10**U(-spread, spread)``.
+GRAM_KINDS = {
+    "rank-deficient": ((10, 50), (4, 6), 0.0),
+    "full-rank": ((200, 20), (30, 6), 0.0),
+    "dynamic-range": ((10, 50), (4, 6), 3.0),
+    "dynamic-range full-rank": ((200, 20), (30, 6), 3.0),
+}
+
+
+def _gram_problem(rng, kind):
+    """Data ``[X_G, X_A]`` and a right-hand side, all rounded to float32."""
+    shape_g, shape_a, spread = GRAM_KINDS[kind]
+    data = []
+    for rows, cols in (shape_g, shape_a):
+        x = rng.standard_normal((rows, cols)) * 10.0 ** rng.uniform(-spread, spread, size=cols)
+        data.append(x.astype(np.float32).astype(np.float64))
+    x = rng.standard_normal((shape_g[1], shape_a[1])).astype(np.float32).astype(np.float64)
+    return data, x
+
+
+@pytest.mark.parametrize("eigh_float32", ["native", "fails"])
+@pytest.mark.parametrize("kind", list(GRAM_KINDS))
+def test_kron_exact_accepts_float32_gram_factors(
+    xp, to_xp, to_np, rng, monkeypatch, kind, eigh_float32
+):
+    """Regression: after the float64 retry the roundoff tolerance used float64's eps, so a
+    float32 ``XᵀX`` (whose zero eigenvalues come out as ±eps32·‖G‖) was rejected as "not
+    positive semidefinite". The tolerance is float32's now, whichever dtype eigh ran in.
+
+    Against the dense float64 reference of the exact Gram matrices, the result is checked for
+    well-scaled data; with a dynamic range of 10^±3 per column the Gram matrices' small
+    eigenvalues are below float32's resolution, so only acceptance and finiteness are checked.
+    """
+    if eigh_float32 == "fails":
+        _fail_float32_eigh(monkeypatch, xp)
+    data, x = _gram_problem(rng, kind)
+    factors = []
+    for d in data:
+        d32 = to_xp(d, "float32")
+        factors.append(xp.matrix_transpose(d32) @ d32)  # the Gram matrix, formed in float32
+    out = kron_solve(factors, to_xp(x, "float32"), damping=1e-6, exact=True)
+    assert out.dtype == xp.float32
+    if kind.startswith("dynamic-range"):
+        assert tuple(out.shape) == x.shape
+        assert np.all(np.isfinite(to_np(out)))
+        return
+    grams = [d.T @ d for d in data]
+    big = dense_kron(grams) + 1e-6 * np.eye(x.size)
+    assert_close(out, dense_kron_solve(big, x, 2), rtol=1e-4, what=f"float32 Gram, {kind}")
+
+
+@pytest.mark.parametrize("eigh_float32", ["native", "fails"])
+def test_kron_exact_still_rejects_a_clearly_indefinite_float32_factor(
+    xp, to_xp, rng, monkeypatch, eigh_float32
+):
+    """An eigenvalue of -1e-2·‖F‖ is no roundoff, in float32 or after the float64 retry."""
+    if eigh_float32 == "fails":
+        _fail_float32_eigh(monkeypatch, xp)
+    q, _ = np.linalg.qr(rng.standard_normal((50, 50)))
+    evals = np.abs(rng.standard_normal(50)) + 1.0
+    evals[7] = -1e-2 * evals.max()
+    f = ((q * evals) @ q.T).astype(np.float32)
+    pattern = r"kron_factorize: factors\[0\] is not positive semidefinite"
+    with pytest.raises(curvlin.LinAlgError, match=pattern):
+        kron_solve(
+            [to_xp(f, "float32"), to_xp(np.eye(3), "float32")],
+            to_xp(np.ones((50, 3)), "float32"),
+            damping=1e-6,
+            exact=True,
+        )

@@ -164,6 +164,18 @@ def test_spd_solve_reads_only_the_lower_triangle(xp, to_xp, rng):
     assert_close(out, np.linalg.solve(m, b), rtol=1e-11, what="upper triangle must be ignored")
 
 
+def test_spd_solve_damping_array_broadcasts_to_a_bigger_stack(xp, to_xp, rng):
+    """Regression: a damping array with more stack axes than ``m`` and ``b`` failed inside the
+    backend ("input operand has more dimensions than allowed"), as ``spd_inverse`` does not."""
+    m = random_spd(rng, 3)
+    d = np.array([0.1, 1.0])
+    b = rng.standard_normal(3)
+    out = spd_solve(to_xp(m), to_xp(b), damping=to_xp(d))
+    assert tuple(out.shape) == (2, 3)
+    expected = np.linalg.solve(_damped(m, d), np.broadcast_to(b, (2, 3))[..., None])[..., 0]
+    assert_close(out, expected, rtol=1e-12, what="spd_solve with a (2,) damping")
+
+
 # -- spd_inverse_root -----------------------------------------------------------------------
 
 
@@ -371,3 +383,100 @@ def test_non_finite_raises(xp, to_xp, bad, func):
 
 def test_linalg_error_is_a_value_error():
     assert issubclass(curvlin.LinAlgError, ValueError)
+
+
+# -- empty input -----------------------------------------------------------------------------
+
+EMPTY_STACKS = [(0, 0), (0, 3, 3), (2, 0, 0), (0, 2, 0, 0), (2, 0, 4, 4)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", EMPTY_STACKS, ids=str)
+def test_empty_matrices_give_empty_results(xp, to_xp, shape, dtype):
+    """Regression: NumPy's SciPy kernels raised "does not support zero-size batches" for
+    ``(0, n, n)``, and the eigenvalue tolerance reduced over an empty axis for ``n = 0``.
+
+    The inverse (and inverse root) of a 0×0 matrix is 0×0; an empty stack stays empty."""
+    m = to_xp(np.zeros(shape), dtype)
+    n = shape[-1]
+    outs = {
+        "spd_inverse": spd_inverse(m),
+        "spd_inverse damped": spd_inverse(m, damping=0.1),
+        "spd_inverse_root": spd_inverse_root(m, 2),
+        "spd_inverse_root damped": spd_inverse_root(m, 4, damping=0.1),
+        "spd_solve vector": spd_solve(m, to_xp(np.ones(n), dtype)),
+        "spd_solve columns": spd_solve(m, to_xp(np.ones((n, 2)), dtype)),
+    }
+    wanted = {"spd_solve vector": shape[:-1], "spd_solve columns": (*shape[:-1], 2)}
+    for what, out in outs.items():
+        assert tuple(out.shape) == wanted.get(what, shape), what
+        assert out.dtype == getattr(xp, dtype), what
+
+
+@pytest.mark.parametrize(
+    ("m_shape", "b_shape", "out_shape"),
+    [
+        ((3, 3), (0, 3, 1), (0, 3, 1)),
+        ((2, 3, 3), (0, 1, 3, 2), (0, 2, 3, 2)),
+        ((3, 3), (3, 0), (3, 0)),
+        ((2, 3, 3), (3, 0), (2, 3, 0)),
+    ],
+    ids=str,
+)
+def test_spd_solve_empty_b(xp, to_xp, rng, m_shape, b_shape, out_shape):
+    """An empty ``b`` gives an empty ``x`` (NumPy's ``cho_solve`` rejected zero-size batches);
+    a non-empty ``m`` is still factorised, so its errors do not depend on ``b``'s shape."""
+    m = random_spd(rng, 3, m_shape[:-2])
+    out = spd_solve(to_xp(m), to_xp(np.ones(b_shape)))
+    assert tuple(out.shape) == out_shape
+    assert out.dtype == xp.float64
+    indefinite = np.broadcast_to(np.diag([1.0, -1.0, 2.0]), m_shape).copy()
+    with pytest.raises(LinAlgError, match=r"spd_solve: m is not positive definite"):
+        spd_solve(to_xp(indefinite), to_xp(np.ones(b_shape)))
+
+
+def test_empty_stack_from_a_damping_array(xp, to_xp, rng):
+    """A damping array broadcasts into the stack shape, empty axes included."""
+    m = random_spd(rng, 3)
+    empty = to_xp(np.ones(0))
+    assert tuple(spd_inverse(to_xp(m), damping=empty).shape) == (0, 3, 3)
+    assert tuple(spd_inverse_root(to_xp(m), 2, damping=empty).shape) == (0, 3, 3)
+    assert tuple(spd_solve(to_xp(m), to_xp(np.ones(3)), damping=empty).shape) == (0, 3)
+    big = to_xp(np.ones((2, 1)))
+    assert tuple(spd_inverse(to_xp(np.zeros((0, 3, 3))), damping=big).shape) == (2, 0, 3, 3)
+
+
+# -- host looks ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host_looks(xp, to_xp, monkeypatch):
+    """A list that records every ``bool``/``int``/``float`` of an array of the backend.
+
+    NumPy and CuPy arrays cannot be instrumented (their types are immutable): skipped there.
+    """
+    cls = type(to_xp(np.zeros(1)))
+    if cls.__module__.split(".")[0] in ("numpy", "cupy"):
+        pytest.skip(f"{cls.__module__}.{cls.__name__} cannot be instrumented")
+    seen: list[str] = []
+    for dunder in ("__bool__", "__int__", "__float__"):
+        original = getattr(cls, dunder)
+
+        def counted(self, _original=original, _name=dunder):
+            seen.append(_name)
+            return _original(self)
+
+        monkeypatch.setattr(cls, dunder, counted)
+    return seen
+
+
+def test_spd_solve_looks_at_the_host_once(xp, to_xp, rng, host_looks):
+    """The check of ``b``'s finiteness shares the one look that checks the factorisation."""
+    m, b = to_xp(random_spd(rng, 4, (2,))), to_xp(rng.standard_normal((2, 4, 3)))
+    spd_solve(m, b)
+    assert len(host_looks) == 1, host_looks
+    host_looks.clear()
+    spd_solve(to_xp(np.zeros((0, 4, 4))), b[:0, ...])  # empty: nothing to look at
+    spd_inverse(to_xp(np.zeros((2, 0, 0))))
+    spd_inverse_root(to_xp(np.zeros((0, 3, 3))), 2)
+    assert host_looks == []
