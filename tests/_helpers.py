@@ -7,8 +7,10 @@ form Kronecker products and inverses explicitly, which the library itself never 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -30,6 +32,13 @@ EXPECTED_BACKEND_NAME = {
 }
 
 REQUIRE_ENV = "CURVLIN_REQUIRE_BACKENDS"
+
+#: Optional test-only dependencies, by import name, with the package that provides each. A test
+#: that needs one carries ``needs_test_dep(name)``; it is skipped when the module cannot be
+#: imported, unless the name is listed in ``CURVLIN_REQUIRE_TEST_DEPS``: then it fails.
+TEST_DEPS = {"curvlinops": "curvlinops-for-pytorch", "matplotlib": "matplotlib"}
+
+REQUIRE_TEST_DEPS_ENV = "CURVLIN_REQUIRE_TEST_DEPS"
 
 #: Hypothesis settings for the property tests: few examples, no deadline (first calls import
 #: and compile kernels), fixtures allowed.
@@ -104,6 +113,76 @@ def require_backend(label: str) -> tuple[object, object]:
             pytrace=False,
         )
     pytest.skip(f"backend {label!r} unavailable: {reason}")
+
+
+# -- test-only dependencies ---------------------------------------------------------------
+
+
+def required_test_deps() -> frozenset[str]:
+    """Names listed in ``CURVLIN_REQUIRE_TEST_DEPS`` (comma-separated); unknown ones fail."""
+    raw = os.environ.get(REQUIRE_TEST_DEPS_ENV, "")
+    names = frozenset(s.strip() for s in raw.split(",") if s.strip())
+    unknown = sorted(names - set(TEST_DEPS))
+    if unknown:
+        raise pytest.UsageError(
+            f"{REQUIRE_TEST_DEPS_ENV} names unknown test dependencies {unknown}; "
+            f"known: {', '.join(TEST_DEPS)}"
+        )
+    return names
+
+
+@functools.cache
+def _import_test_dep(name: str):
+    """``(module, None)``, or ``(None, why)`` if ``name`` cannot be imported."""
+    if name not in TEST_DEPS:
+        raise ValueError(f"unknown test dependency {name!r}; add it to TEST_DEPS")
+    try:
+        with warnings.catch_warnings():  # e.g. curvlinops' dependencies use torch.jit.script
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(name), None
+    except Exception as exc:  # ImportError, or a broken install failing in its own way
+        return None, (
+            f"cannot import {name} (package {TEST_DEPS[name]}): {type(exc).__name__}: {exc}"
+        )
+
+
+def optional_test_dep(name: str):
+    """The module ``name``, or None if it cannot be imported; never skips nor fails.
+
+    For a module-level import; mark the tests that use it with :func:`needs_test_dep`.
+    """
+    return _import_test_dep(name)[0]
+
+
+def missing_test_dep(name: str) -> str | None:
+    """Why the test dependency ``name`` cannot be imported, or None if it can."""
+    return _import_test_dep(name)[1]
+
+
+def require_test_dep(name: str):
+    """The module ``name``; skip if it cannot be imported, fail if it is required."""
+    module, reason = _import_test_dep(name)
+    if module is not None:
+        return module
+    if name in required_test_deps():
+        pytest.fail(
+            f"test dependency {name!r} is listed in {REQUIRE_TEST_DEPS_ENV} but is "
+            f"unavailable: {reason}",
+            pytrace=False,
+        )
+    pytest.skip(f"test dependency {name!r} unavailable: {reason}")
+
+
+def needs_test_dep(name: str) -> pytest.MarkDecorator:
+    """Mark a test that needs the test-only dependency ``name`` (a key of :data:`TEST_DEPS`).
+
+    ``conftest.py`` skips a marked test when the module cannot be imported (the skip is added at
+    collection, so it is reported at the test), and makes it fail instead if
+    ``CURVLIN_REQUIRE_TEST_DEPS`` lists the name (:func:`require_test_dep` before it runs).
+    """
+    if name not in TEST_DEPS:
+        raise ValueError(f"unknown test dependency {name!r}; add it to TEST_DEPS")
+    return pytest.mark.test_dep(name)
 
 
 def to_numpy(x) -> np.ndarray:

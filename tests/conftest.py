@@ -5,6 +5,10 @@ Backends (labels of ``curvlin.backends.available_backends()``): ``numpy``, ``arr
 that is not usable is skipped with the reason, unless it is listed in the environment variable
 ``CURVLIN_REQUIRE_BACKENDS`` (comma-separated labels, e.g. ``numpy,array_api_strict,torch``):
 then every test that would run on it fails, so CI cannot pass by skipping silently.
+
+Test-only dependencies (``_helpers.TEST_DEPS``, e.g. ``curvlinops``, the independent reference
+of the KFAC factors) work the same way: a test marked ``needs_test_dep(name)`` is skipped when
+the module cannot be imported, unless ``name`` is listed in ``CURVLIN_REQUIRE_TEST_DEPS``.
 """
 
 from __future__ import annotations
@@ -25,22 +29,48 @@ import pytest  # noqa: E402
 from _helpers import (  # noqa: E402
     BACKEND_LABELS,
     REQUIRE_ENV,
+    REQUIRE_TEST_DEPS_ENV,
     asarray,
     backends,
+    missing_test_dep,
     require_backend,
+    require_test_dep,
     required_backends,
+    required_test_deps,
     to_numpy,
 )
 
 
 def pytest_configure(config):
     required_backends()  # a misspelt label is a usage error, reported before any test runs
+    required_test_deps()
 
 
 def pytest_report_header(config):
     found = ", ".join(backends()) or "none"
     required = ", ".join(sorted(required_backends())) or "none"
-    return [f"curvlin backends: available {found}; required ({REQUIRE_ENV}) {required}"]
+    deps = ", ".join(sorted(required_test_deps())) or "none"
+    return [
+        f"curvlin backends: available {found}; required ({REQUIRE_ENV}) {required}",
+        f"curvlin test dependencies required ({REQUIRE_TEST_DEPS_ENV}): {deps}",
+    ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``needs_test_dep(name)`` without the module: skip, unless it is required."""
+    required = required_test_deps()
+    for item in items:
+        for mark in item.iter_markers(name="test_dep"):
+            (name,) = mark.args
+            reason = missing_test_dep(name)
+            if reason is not None and name not in required:
+                item.add_marker(pytest.mark.skip(reason=f"test dependency {name!r}: {reason}"))
+
+
+def pytest_runtest_setup(item):
+    """``needs_test_dep(name)`` without the module although it is required: fail."""
+    for mark in item.iter_markers(name="test_dep"):
+        require_test_dep(*mark.args)
 
 
 @pytest.fixture(scope="session", params=BACKEND_LABELS)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from _helpers import needs_test_dep
 
 from curvlin.__main__ import main
 
@@ -28,8 +29,8 @@ def test_module_entry_point_lists_commands():
     assert "demo" in done.stdout
 
 
+@needs_test_dep("matplotlib")
 def test_demo_trains_prints_table_and_writes_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     plot = tmp_path / "demo.png"
     args = [
         "--iterations",

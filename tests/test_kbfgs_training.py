@@ -32,6 +32,9 @@ from torch.nn import functional as F
 from curvlin.adapters.torch import KBFGS, KBFGSL
 from curvlin.datasets import make_curves
 
+# Long end-to-end training runs: `python -m pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 TARGET = 0.15
 K = 120
 BATCH = 250

@@ -15,10 +15,9 @@ MSE/BCE loss with ``reduction="mean"`` it multiplies the loss by ``√D`` (``D``
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _helpers import needs_test_dep, optional_test_dep
 from _torch_models import (
     batch_loss,
     block_ggn,
@@ -37,16 +36,11 @@ from torch import nn
 
 from curvlin.adapters.torch import KFAC
 
-try:
-    with warnings.catch_warnings():  # its dependencies use the deprecated torch.jit.script
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import curvlinops
-except ImportError:  # an optional reference: only the tests that compare with it are skipped
-    curvlinops = None
-
-needs_curvlinops = pytest.mark.skipif(
-    curvlinops is None, reason="curvlinops-for-pytorch (the reference) is not installed"
-)
+# The only independent check of the sampled Fisher for cross-entropy and BCE. Without it the
+# tests that compare with it are skipped, unless CURVLIN_REQUIRE_TEST_DEPS lists curvlinops
+# (CI does): then they fail.
+curvlinops = optional_test_dep("curvlinops")
+needs_curvlinops = needs_test_dep("curvlinops")
 
 LOSS_MODULES = {
     "cross_entropy": nn.CrossEntropyLoss,

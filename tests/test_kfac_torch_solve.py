@@ -9,11 +9,11 @@ of a step (momentum, weight decay, KL clipping, EMA, schedule).
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from _helpers import needs_test_dep, require_test_dep
 from _torch_models import cnn, dense_kron, layer_grad_vec, make_targets, mlp, one_thread
 from torch import nn
 from torch.nn import functional as F
@@ -94,11 +94,10 @@ def test_inverse_operator_is_pi_damped_dense_solve(kind, damping):
         )
 
 
+@needs_test_dep("curvlinops")
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_inverse_operator_matches_curvlinops_heuristic_damping(kind):
-    with warnings.catch_warnings():  # its dependencies use the deprecated torch.jit.script
-        warnings.simplefilter("ignore", DeprecationWarning)
-        curvlinops = pytest.importorskip("curvlinops")
+    curvlinops = require_test_dep("curvlinops")
     damping = 1e-2
     model, X, y = _setup(kind)
     opt = _one_step(model, X, y, damping=damping)

@@ -31,6 +31,9 @@ from torch.nn import functional as F
 from curvlin.adapters.torch import KFAC
 from curvlin.datasets import make_curves
 
+# Long end-to-end training runs: `python -m pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 TARGET = 0.18
 K = 120
 BATCH = 250

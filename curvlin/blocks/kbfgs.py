@@ -581,6 +581,9 @@ class KBFGSBlock(Block):
             variant=self.variant,
             lbfgs_method=self.lbfgs_method,
         )
+        # A non-finite pair left the EMAs as they were; offer s = 0 (skipped: sᵀy = 0), or the
+        # previous EMA pair would be applied to H_g a second time.
+        s_d = xp.where(finite, s_d, xp.zeros_like(s_d))
         g_norm = xp.linalg.vector_norm(xp.where(xp.isfinite(g_mean), g_mean, xp.zeros_like(g_mean)))
         min_curvature = self.skip_threshold * g_norm
         if isinstance(state.h_g, LBFGSState):
