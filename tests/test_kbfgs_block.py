@@ -422,7 +422,7 @@ def test_h_a_skip_rule_matches_reference(a_update, xp, to_xp, to_np, rng):
         state = block.update_a(block.init(to_xp(np.zeros(1))), to_xp(x0), n_examples=m, damping=LAM)
         ref.update_a(x0, m)
         state = KBFGSState.from_arrays(
-            {**state.arrays(), "h_a": to_xp(probe.h_a)}, a_updates=1, g_updates=0
+            {**state.arrays(), "h_a": to_xp(probe.h_a)}, {"a_updates": 1, "g_updates": 0}
         )
         ref.h_a = probe.h_a.copy()
         state = block.update_a(state, to_xp(x1), n_examples=m, damping=LAM)
