@@ -232,9 +232,29 @@ def test_identity_factors_give_momentum_sgd():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
 
 
+def _conv_rows(model, x, t):
+    """The first layer's output rows ``h`` and per-example gradient rows ``g`` (N × autograd's),
+    one row per example and output position, from a plain forward/backward with
+    ``retain_grad`` (no curvlin hook)."""
+    model = copy.deepcopy(model)
+    seen = {}
+
+    def hook(module, args, output):
+        output.retain_grad()
+        seen["h"] = output
+
+    model[0].register_forward_hook(hook)
+    (0.5 * ((model(x) - t) ** 2).sum(dim=1).mean()).backward()
+    h = seen["h"]
+    rows = lambda z: z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # noqa: E731
+    return rows(h), rows(h.grad) * x.shape[0]
+
+
 def test_conv_uses_spatial_sum_and_additive_damping():
     """T12 end to end: a Conv2d's warm-started ``H_a`` inverts ``(1/m)ΣΣ x̄x̄ᵀ + √λ I`` built
-    from independently sliced patches; convolutions default to DD-v2."""
+    from independently sliced patches; convolutions default to DD-v2; the pair is the mean over
+    examples and output positions of ``h − h⁺`` and ``g − g⁺``, and ``H_g`` its DD-v2 damped
+    BFGS update of ``I``, all computed here without curvlin."""
     model = cnn(stride=2, padding=1, dilation=1)
     conv = model[0]
     x = torch.randn(4, 2, 7, 6, dtype=torch.float64)
@@ -248,14 +268,58 @@ def test_conv_uses_spatial_sum_and_additive_damping():
     u = xb.mean(0)
     assert u[-1] == 1.0
     a_sum = xb.T @ xb / 4
+    h, g = _conv_rows(model, x, t)
     opt.step(_closure(opt, model, x, t))
+    h_plus, g_plus = _conv_rows(model, x, t)
     expected = torch.linalg.inv(a_sum + math.sqrt(LAM) * torch.eye(len(a_sum), dtype=torch.float64))
-    torch.testing.assert_close(opt.curvature("0").a, a_sum)
+    state = opt.curvature("0")
+    torch.testing.assert_close(state.a, a_sum)
     # After the Hessian-action update from the warm start (a fixed point), H_a is still the inverse.
-    torch.testing.assert_close(opt.curvature("0").h_a, expected, rtol=1e-8, atol=1e-10)
-    for _ in range(3):
+    torch.testing.assert_close(state.h_a, expected, rtol=1e-8, atol=1e-10)
+    s_bar = 0.1 * (h - h_plus).mean(0).numpy()  # pair EMA 0.9 from zero
+    y_bar = 0.1 * (g - g_plus).mean(0).numpy()
+    np.testing.assert_allclose(state.s_bar.numpy(), s_bar, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(state.y_bar.numpy(), y_bar, rtol=1e-9, atol=1e-14)
+    s_d, y_d = s_bar, y_bar  # DD-v2 against H_g = I: Powell on s, then y + μ2 s
+    sty, yy = s_d @ y_d, y_d @ y_d
+    if sty < 0.2 * yy:
+        theta = 0.8 * yy / (yy - sty)
+        s_d = theta * s_d + (1 - theta) * y_d
+    y_d = y_d + math.sqrt(LAM) * s_d
+    h_g = _bfgs(np.eye(len(s_d)), s_d, y_d, 1e-4 * np.linalg.norm(g.mean(0).numpy()))
+    assert not np.allclose(h_g, np.eye(len(h_g)))  # the pair was accepted
+    np.testing.assert_allclose(state.h_g.numpy(), h_g, rtol=1e-8, atol=1e-12)
+
+
+def test_nonfinite_second_pass_leaves_the_curvature_of_h_g_alone():
+    """A NaN in the second pass only (the closure's second call): the step is taken, the pair
+    is skipped on the device, ``H_g`` / the L-BFGS memory and the pair EMAs stay."""
+    for cls, kwargs in ((KBFGS, {}), (KBFGSL, {"memory": 3})):
+        model = mlp()
+        opt = cls(model, lr=LR, damping=LAM, **kwargs)
+        (x, t), (x2, t2) = _batches(steps=2)
         opt.step(_closure(opt, model, x, t))
-    assert torch.isfinite(opt.curvature("0").h_g).all()
+        before = {name: opt.curvature(name) for name in opt.layer_names}
+        calls = []
+
+        def closure():
+            calls.append(1)
+            bad = x2.clone()
+            if len(calls) == 2:
+                bad[0, 0] = float("nan")
+            return _closure(opt, model, bad, t2)()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step(closure)
+        assert opt.step_count == 2
+        for name in opt.layer_names:
+            old, new = before[name], opt.curvature(name)
+            for key in ("s_bar", "y_bar"):
+                assert torch.equal(getattr(old, key), getattr(new, key)), (cls, name, key)
+            old_g, new_g = old.arrays(), new.arrays()
+            for key in [k for k in old_g if k == "h_g" or k.startswith("lbfgs")]:
+                assert torch.equal(old_g[key], new_g[key]), (cls, name, key)
 
 
 @pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
@@ -414,11 +478,21 @@ def test_hyperparameter_errors(kwargs, match):
         KBFGS(mlp(), **kwargs)
 
 
-def test_lr_scheduler_works():
-    model = mlp()
-    opt = KBFGSL(model, lr=0.1)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, t = _batches(steps=1)[0]
-    opt.step(_closure(opt, model, x, t))
-    sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+def test_lr_scheduler_sets_the_step_taken():
+    """After ``StepLR`` halves the lr, the step taken is half the unscheduled one (same state)."""
+    (x, t), (x2, t2) = _batches(steps=2)
+    runs = []
+    for scheduled in (True, False):
+        model = mlp()
+        opt = KBFGSL(model, lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        opt.step(_closure(opt, model, x, t))
+        if scheduled:
+            sched.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(_closure(opt, model, x2, t2))
+        runs.append([p.detach() - q for p, q in zip(model.parameters(), before)])
+    assert opt.param_groups[0]["lr"] == 0.1
+    for half, full in zip(*runs):
+        assert full.abs().max() > 0
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-12, atol=1e-15)
