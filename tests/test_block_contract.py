@@ -74,7 +74,7 @@ BLOCKS = [
         "kbfgs-minibatch",
         lambda o, i, b: KBFGSBlock(o, i, bias=b, a_update="minibatch"),
         _kbfgs_reference,
-    ),  # fmt: skip
+    ),
     Case("kbfgsl", lambda o, i, b: KBFGSLBlock(o, i, bias=b, memory=3), _kbfgs_reference),
 ]
 
@@ -103,7 +103,8 @@ def _check_state(block, state, xp, dtype):
         if not xp.isdtype(value.dtype, "bool"):
             assert value.dtype == dtype, key
     for key, value in state.counters().items():
-        assert isinstance(value, int) and value >= 0, key
+        assert isinstance(value, int), key
+        assert value >= 0, key
     again = type(state).from_arrays(state.arrays(), state.counters())
     assert set(again.arrays()) == set(state.arrays())
     assert again.counters() == state.counters()
@@ -129,10 +130,12 @@ def test_block_contract(case, bias, dtype, xp, to_xp, to_np, rng):
     assert block.ready(state)
     grad_b = to_xp(gb, dtype) if bias else None
     dw, db = block.precondition(state, to_xp(gw, dtype), grad_b)
-    assert tuple(dw.shape) == (D_OUT, D_IN) and dw.dtype == work
+    assert tuple(dw.shape) == (D_OUT, D_IN)
+    assert dw.dtype == work
     assert (db is None) == (not bias)
     if bias:
-        assert tuple(db.shape) == (D_OUT,) and db.dtype == work
+        assert tuple(db.shape) == (D_OUT,)
+        assert db.dtype == work
     grad = np.concatenate([gw, gb[:, None]], axis=1) if bias else gw
     expected = case.reference(x, delta, ROWS, grad, bias)
     got = np.concatenate([to_np(dw), to_np(db)[:, None]], axis=1) if bias else to_np(dw)
