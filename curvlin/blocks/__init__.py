@@ -2,13 +2,15 @@
 
 :class:`Block` is the protocol (statistics, fold, refresh, precondition, second pass, check),
 :class:`Driver` runs any set of blocks on one :class:`Schedule` with the non-finite skip and
-checkpoints; one module per method holds its block and state.
+checkpoints; one module per method holds its block and state. Methods that couple all layers
+through one m×m kernel use the second protocol, :class:`KernelBlock` and :func:`kernel_solve`.
 """
 
 from ._schedule import Schedule
 from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
+from .kernel import KernelBlock, LinearKernelBlock, kernel_solve
 from .kfac import KFACBlock, KFACState
 
 __all__ = [
@@ -23,7 +25,10 @@ __all__ = [
     "KBFGSState",
     "KFACBlock",
     "KFACState",
+    "KernelBlock",
     "LayerBatch",
+    "LinearKernelBlock",
     "Schedule",
     "homogeneous",
+    "kernel_solve",
 ]
