@@ -111,6 +111,7 @@ class LinearKernelBlock(KernelBlock):
         return xp, xp.reshape(abar, (m, t, self.d_in + int(self.bias))), xp.reshape(d, (m, t, -1))
 
     def kernel(self, batch: LayerBatch, /) -> Array:
+        """``U_lᵀ U_l``, shape (m, m)."""
         xp, abar, d = self._rows(batch)
         if abar.shape[1] == 1:
             a2, d2 = abar[:, 0, :], d[:, 0, :]
@@ -121,10 +122,12 @@ class LinearKernelBlock(KernelBlock):
         return xp.sum(dd * aa, axis=(1, 3))
 
     def jvp(self, batch: LayerBatch, v: Array, /) -> Array:
+        """``U_lᵀ vec(v)``, shape (m,), for ``v`` of shape (d_out, d_a)."""
         xp, abar, d = self._rows(batch)
         return xp.sum((d @ v) * abar, axis=(1, 2))
 
     def vjp(self, batch: LayerBatch, c: Array, /) -> Array:
+        """``U_l c`` as a (d_out, d_a) matrix, for ``c`` of shape (m,)."""
         xp, abar, d = self._rows(batch)
         m, t = abar.shape[0], abar.shape[1]
         weighted = xp.reshape(d * c[:, None, None], (m * t, -1))
