@@ -118,12 +118,8 @@ class Curvature:
         schedule = Schedule(
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
-        self.owner, self.fisher, self.loss, self.loss_reduction = (
-            owner,
-            fisher,
-            loss,
-            loss_reduction,
-        )
+        self.owner, self.fisher = owner, fisher
+        self.loss, self.loss_reduction = loss, loss_reduction
         self.layers, self.other_params = find_layers(model, unsupported=unsupported, owner=owner)
         #: Parameter names as in ``model.named_parameters()``, by ``id``, for messages.
         self.param_names = {id(p): name for name, p in model.named_parameters()}
@@ -297,7 +293,7 @@ class Curvature:
         return {
             "format": STATE_FORMAT,
             "method": self.owner,
-            "driver": self.driver.state_dict(lambda t: t.detach().clone()),
+            "driver": self.driver.state_dict(),  # references, as torch's own state_dict
             "generator": self.generator.get_state(),
         }
 
@@ -552,7 +548,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return g.clone() if buf is None else torch.add(g, buf, alpha=mu)
 
     def _updates(self, directions, grads, buffers):
-        """``(param, Δ, new EMA buffer or None)`` for every parameter to update, kl-clipped."""
+        """``(param, Δ, new momentum buffer or None)`` per parameter to update, kl-clipped."""
         out, dots = [], []
         for name, (dw, db) in directions.items():
             h = self._curv.layers[name]
