@@ -7,6 +7,7 @@ checkpoints; one module per method holds its block and state.
 
 from ._schedule import Schedule
 from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous
+from .diagonal import DiagonalFisherBlock, DiagonalFisherState
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kfac import KFACBlock, KFACState
@@ -16,6 +17,8 @@ __all__ = [
     "NEEDS",
     "Block",
     "BlockState",
+    "DiagonalFisherBlock",
+    "DiagonalFisherState",
     "Distributor",
     "Driver",
     "KBFGSBlock",
