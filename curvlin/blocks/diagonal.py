@@ -157,9 +157,7 @@ class DiagonalFisherBlock(Block):
     def refresh(self, state: DiagonalFisherState, /, *, damping) -> DiagonalFisherState:
         """Cache ``1 / (F + λ)``; nothing to do before the first statistics. ``λ > 0``."""
         damping = check_damping(damping, "damping", "DiagonalFisherBlock.refresh")
-        if (
-            isinstance(damping, float) and damping == 0.0
-        ):  # a dead unit has F = 0: its direction would be 0/0
+        if isinstance(damping, float) and damping == 0.0:  # F = 0 for a dead unit: 0/0
             raise ValueError("DiagonalFisherBlock.refresh: damping must be > 0, got 0.0")
         if state.updates == 0:
             return state
