@@ -170,10 +170,6 @@ class DiagonalFisherBlock(Block):
     def _precondition(self, state: DiagonalFisherState, grad: Array, /) -> Array:
         return grad * state.inverse
 
-    def work_dtype(self, state: DiagonalFisherState, /):
-        """``F``'s dtype."""
-        return state.f.dtype
-
     def cost(self) -> float:
         """One elementwise pass over ``F``."""
         return float(self.d_out * self.d_a)

@@ -74,40 +74,18 @@ class DiagonalFisher(CurvatureOptimizer):
 
     default_damping = 1e-2
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 0.3,
-        damping: float = 1e-2,
-        momentum: float = 0.5,
-        weight_decay: float = 0.0,
-        *,
-        momentum_form: str = "gradient",
-        kl_clip: float | None = None,
-        decay: float = 0.95,
-        loss_reduction: str = "mean",
-        stats_every: int = 1,
-        refresh_every: int = 1,
-        factor_dtype: torch.dtype | None = None,
-        unsupported="error",
-    ):
+    def __init__(self, model: nn.Module, lr: float = 0.3, damping: float = 1e-2,
+                 momentum: float = 0.5, weight_decay: float = 0.0, *,
+                 momentum_form: str = "gradient", kl_clip: float | None = None,
+                 decay: float = 0.95, loss_reduction: str = "mean", stats_every: int = 1,
+                 refresh_every: int = 1, factor_dtype: torch.dtype | None = None,
+                 unsupported="error"):  # fmt: skip
         make_block, options = self.block_factory(decay=decay, loss_reduction=loss_reduction)
-        super().__init__(
-            model,
-            make_block,
-            owner="DiagonalFisher",
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            momentum_form=momentum_form,
-            kl_clip=kl_clip,
-            unsupported=unsupported,
-            stats_every=stats_every,
-            refresh_every=refresh_every,
-            factor_dtype=factor_dtype,
-            **options,
-        )
+        super().__init__(model, make_block, owner="DiagonalFisher", lr=lr, damping=damping,
+                         momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
+                         momentum_form=momentum_form, unsupported=unsupported,
+                         stats_every=stats_every, refresh_every=refresh_every,
+                         factor_dtype=factor_dtype, **options)  # fmt: skip
 
     @staticmethod
     def block_factory(*, decay: float = 0.95, **engine_options):
