@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, DiagonalFisher
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ METHODS = [
     Method("kfac-exact", KFAC, {**_COMMON, "damping": 0.1, "exact_damping": True}),
     Method("kbfgs", KBFGS, {**_COMMON, "damping": 0.3, "check_every": 2}),
     Method("kbfgsl", KBFGSL, {**_COMMON, "damping": 0.3, "memory": 4, "stats_every": 2}),
+    Method(
+        "diagonal",
+        DiagonalFisher,
+        {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3},
+    ),
 ]
 
 

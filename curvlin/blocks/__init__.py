@@ -8,6 +8,7 @@ through one m×m kernel use the second protocol, :class:`KernelBlock` and :func:
 
 from ._schedule import Schedule
 from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous
+from .diagonal import DiagonalFisherBlock, DiagonalFisherState
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kernel import KernelBlock, LinearKernelBlock, kernel_solve
@@ -18,6 +19,8 @@ __all__ = [
     "NEEDS",
     "Block",
     "BlockState",
+    "DiagonalFisherBlock",
+    "DiagonalFisherState",
     "Distributor",
     "Driver",
     "KBFGSBlock",

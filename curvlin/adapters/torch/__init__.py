@@ -7,6 +7,7 @@ from ._capture import UNSUPPORTED, LayerCapture, find_layers
 from ._engine import MOMENTUM_FORMS, Curvature, CurvatureOptimizer, Preconditioner
 from ._layers import Conv2dHandler, LayerHandler, LinearHandler, handler_for, register_layer
 from ._sampling import LOSSES, sample_output_grad
+from .diagonal import DiagonalFisher
 from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
 
@@ -20,6 +21,7 @@ __all__ = [
     "Conv2dHandler",
     "Curvature",
     "CurvatureOptimizer",
+    "DiagonalFisher",
     "KFACPreconditioner",
     "LayerCapture",
     "LayerHandler",
