@@ -19,6 +19,7 @@ import pytest
 from _helpers import dense_kron, reference_pi_dampings
 
 from curvlin.blocks import (
+    DiagonalFisherBlock,
     Driver,
     KBFGSBlock,
     KBFGSLBlock,
@@ -56,6 +57,13 @@ def _kbfgs_reference(x, delta, n, grad, bias):
     return grad @ h_a
 
 
+def _diagonal_reference(x, delta, n, grad, bias):
+    """First step: ``F = (1/N) Σ_n (δ_n ā_nᵀ)²`` from explicit per-example gradients."""
+    xb = _xbar(x, bias)
+    fisher = sum(np.outer(d, a) ** 2 for d, a in zip(delta, xb)) / n
+    return grad / (fisher + DAMPING)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -76,6 +84,7 @@ BLOCKS = [
         _kbfgs_reference,
     ),
     Case("kbfgsl", lambda o, i, b: KBFGSLBlock(o, i, bias=b, memory=3), _kbfgs_reference),
+    Case("diagonal", lambda o, i, b: DiagonalFisherBlock(o, i, bias=b), _diagonal_reference),
 ]
 
 
