@@ -6,6 +6,7 @@ CuPy.
 """
 
 from ._errors import LinAlgError
+from .damping import lm_adapt, predicted_change, reduction_ratio
 from .kron import (
     KronFactorization,
     kron_apply,
@@ -46,9 +47,12 @@ __all__ = [
     "lbfgs_apply",
     "lbfgs_init",
     "lbfgs_push",
+    "lm_adapt",
     "lm_damping",
     "pi_damping",
     "powell_damping",
+    "predicted_change",
+    "reduction_ratio",
     "spd_inverse",
     "spd_inverse_root",
     "spd_solve",
