@@ -94,16 +94,16 @@ def lm_adapt(
     float
         The new damping.
 
+    References
+    ----------
+    Martens & Grosse (2015), ICML, §6.5; Moré (1978), "The Levenberg–Marquardt algorithm";
+    ``spec/tnt_mbf_smw_kfac.md`` §3 (the LM rule of SMW-GN).
+
     Examples
     --------
     >>> from curvlin.damping import lm_adapt
     >>> lm_adapt(1.0, 0.9, factor=0.5), lm_adapt(1.0, 0.1, factor=0.5), lm_adapt(1.0, 0.5)
     (0.5, 2.0, 1.0)
-
-    References
-    ----------
-    Martens & Grosse (2015), ICML, §6.5; Moré (1978), "The Levenberg–Marquardt algorithm";
-    ``spec/tnt_mbf_smw_kfac.md`` §3 (the LM rule of SMW-GN).
     """
     for name, value in (("damping", damping), ("min_damping", min_damping)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
