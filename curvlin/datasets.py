@@ -6,8 +6,11 @@ points, rendered on a small square grid with intensities in [0, 1]. Such data li
 low-dimensional manifold (six numbers fix each image), which makes them the classic benchmark
 for deep autoencoders such as 784-400-200-100-50-25-6 and for the second-order optimizers that
 train them. :func:`load_curves` returns a train/test split of fixed size and seed.
+:func:`load_digits` returns scikit-learn's small digits set (shipped with scikit-learn, so
+nothing is downloaded either), scaled to [0, 1].
 
-The module is pure NumPy; it imports neither torch nor CuPy.
+The module is pure NumPy; it imports neither torch nor CuPy (nor scikit-learn until
+:func:`load_digits` is called).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["CurvesDataset", "load_curves", "make_curves"]
+__all__ = ["CurvesDataset", "load_curves", "load_digits", "make_curves"]
 
 # Images are rendered at most this many at a time, and fewer when one image needs many
 # quadrature points: each Gaussian-weight temporary then holds at most _BUDGET elements.
@@ -218,6 +221,43 @@ def load_curves(
         train=make_curves(n_train, seed=np.random.default_rng(train_seq), **kw),
         test=make_curves(n_test, seed=np.random.default_rng(test_seq), **kw),
     )
+
+
+def load_digits(*, dtype=np.float32) -> np.ndarray:
+    """scikit-learn's digits, 1797 images of 8×8 pixels, as rows scaled to [0, 1].
+
+    The images ship with scikit-learn (an optional dependency: ``pip install scikit-learn``,
+    part of curvlin's ``test`` extra); the pixel counts 0–16 are divided by 16.
+
+    Parameters
+    ----------
+    dtype : NumPy floating dtype, optional
+        Default float32.
+
+    Returns
+    -------
+    numpy.ndarray, shape (1797, 64)
+
+    Raises
+    ------
+    ImportError
+        If scikit-learn is not installed, saying how to install it.
+
+    Examples
+    --------
+    >>> from curvlin.datasets import load_digits
+    >>> x = load_digits()
+    >>> x.shape, float(x.min()), float(x.max())
+    ((1797, 64), 0.0, 1.0)
+    """
+    try:
+        from sklearn.datasets import load_digits as _sklearn_digits
+    except ImportError as exc:
+        raise ImportError(
+            "load_digits needs scikit-learn, which ships the digits images: "
+            "pip install scikit-learn (or curvlin's 'test' extra)"
+        ) from exc
+    return (_sklearn_digits().data / 16.0).astype(_check_dtype(dtype))
 
 
 def _render(points, size, sigma, n_quad, work):

@@ -36,7 +36,11 @@ REQUIRE_ENV = "CURVLIN_REQUIRE_BACKENDS"
 #: Optional test-only dependencies, by import name, with the package that provides each. A test
 #: that needs one carries ``needs_test_dep(name)``; it is skipped when the module cannot be
 #: imported, unless the name is listed in ``CURVLIN_REQUIRE_TEST_DEPS``: then it fails.
-TEST_DEPS = {"curvlinops": "curvlinops-for-pytorch", "matplotlib": "matplotlib"}
+TEST_DEPS = {
+    "curvlinops": "curvlinops-for-pytorch",
+    "matplotlib": "matplotlib",
+    "sklearn": "scikit-learn",
+}
 
 REQUIRE_TEST_DEPS_ENV = "CURVLIN_REQUIRE_TEST_DEPS"
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...blocks import Block, Driver, LayerBatch, Schedule
+from ...damping import lm_adapt, predicted_change, reduction_ratio
 from ._capture import LayerCapture, check_unsupported, find_layers
 from ._layers import LayerHandler
 from ._sampling import LOSSES, REDUCTIONS, sample_output_grad
@@ -135,6 +136,8 @@ class Curvature:
         self.capture.capture_grads = fisher == "empirical"
         #: Layers captured at least once (or restored from a checkpoint).
         self.seen: set[str] = set()
+        #: True while the closure runs only for the loss (adaptive damping's evaluation).
+        self.evaluating = False
         device = next(iter(self.layers.values())).weight.device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.arm()
@@ -157,8 +160,8 @@ class Curvature:
                 f"{self.owner}: backward_fisher() is for fisher='mc'; the empirical Fisher uses "
                 "the gradients of the ordinary loss.backward()"
             )
-        if not self.capture.active:
-            return  # not a statistics step: nothing to sample
+        if not self.capture.active or self.evaluating:
+            return  # not a statistics step (or only the loss is wanted): nothing to sample
         records = [
             r
             for recs in self.capture.records.values()
@@ -230,21 +233,29 @@ class Curvature:
             )
         return batches
 
-    def run_closure(self, closure, *, second: bool = False):
+    def run_closure(self, closure, *, second: bool = False, evaluate: bool = False):
         """Call ``closure`` with gradients on; for the second pass, freeze every parameter and
-        make the first recorded outputs roots, so only output gradients are computed."""
+        make the first recorded outputs roots, so only output gradients are computed.
+
+        ``evaluate`` (a second pass for the loss alone): nothing is kept and the sampled
+        Fisher's extra backward is skipped.
+        """
         params = [p for p in self.all_params() if p.requires_grad] if second else []
         for p in params:
             p.requires_grad_(False)
         self.capture.clear()
         self.capture.root_outputs = second
         self.capture.active = second or self.driver.stats_due()
+        self.evaluating = evaluate
         try:
             with torch.enable_grad():
                 return closure()
         finally:
             self.capture.active = False
             self.capture.root_outputs = False
+            self.evaluating = False
+            if evaluate:
+                self.capture.clear()
             for p in params:
                 p.requires_grad_(True)
 
@@ -376,6 +387,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         weight_decay: float,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        adaptive_damping: bool = False,
+        adapt_every: int = 5,
         unsupported="error",
         **options,
     ):
@@ -385,8 +398,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{owner}: momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}"
             )
+        if not isinstance(adaptive_damping, bool):
+            raise TypeError(f"{owner}: adaptive_damping must be a bool, got {adaptive_damping!r}")
+        if isinstance(adapt_every, bool) or not isinstance(adapt_every, int) or adapt_every < 1:
+            raise ValueError(f"{owner}: adapt_every must be a positive int, got {adapt_every!r}")
+        if adaptive_damping and momentum_form != "gradient":
+            raise ValueError(
+                f"{owner}: adaptive_damping needs momentum_form='gradient' (its quadratic model "
+                "of the step is exact only when the preconditioner acts on the whole momentum)"
+            )
         self._curv = Curvature(model, make_block, owner=owner, unsupported=unsupported, **options)
         self._owner, self.momentum_form, self.kl_clip = owner, momentum_form, kl_clip
+        self.adaptive_damping, self.adapt_every = adaptive_damping, adapt_every
+        #: ``ρ`` of the last damping adaptation (actual over predicted change), or None.
+        self.last_ratio: float | None = None
         layer_params = [
             p
             for h in self._curv.layers.values()
@@ -477,10 +502,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     self._owner,
                     **{k: group[k] for k in ("lr", "damping", "momentum", "weight_decay")},
                 )
-            if "second_pass" in curv.needs and closure is None:
+            if ("second_pass" in curv.needs or self.adaptive_damping) and closure is None:
+                why = (
+                    "the method evaluates the same minibatch twice, before and after the update"
+                    if "second_pass" in curv.needs
+                    else "adaptive_damping compares the loss before and after the update"
+                )
                 raise RuntimeError(
-                    f"{self._owner}.step() needs a closure: the method evaluates the same "
-                    "minibatch twice, before and after the update. Pass a function that zeroes "
+                    f"{self._owner}.step() needs a closure: {why}. Pass a function that zeroes "
                     "the gradients, runs the forward pass, calls loss.backward() and returns "
                     "the loss: opt.step(closure)"
                 )
@@ -508,14 +537,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         states = driver.fold_refresh(stats, damping=damping)
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
         directions = driver.precondition(states, grads if buffers is None else buffers)
-        updates = self._updates(directions, grads, buffers)
+        adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
+        updates, model = self._updates(directions, grads, buffers, model=adapt)
         # -- from here on, state changes -------------------------------------------------
         for p, direction, new_buffer in updates:
             self._apply(p, direction, group_of[id(p)], new_buffer)
         self._fallback_step(others, group_of)
+        loss_plus = None
         if curv.second_pass_due and batches:
             try:
-                curv.run_closure(closure, second=True)
+                loss_plus = curv.run_closure(closure, second=True)
                 plus = curv.collect(plus=True)
                 states = driver.second_pass(states, batches, plus, damping=damping)
             except BaseException:
@@ -526,7 +557,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             states, rebuilt = driver.check(states, batches, damping=damping)
             driver.warn_rebuilt(rebuilt)
         driver.commit(states, repaired=sum(len(v) for v in rebuilt.values()))
+        if adapt and model is not None:
+            self._adapt_damping(loss, loss_plus, closure, model)
         return loss
+
+    def _adapt_damping(self, loss, loss_plus, closure, model) -> None:
+        """The Levenberg–Marquardt rule on the curvature groups' damping (one host sync)."""
+        if loss_plus is None:  # evaluate θ_{k+1} on the same batch, without weight gradients
+            loss_plus = self._curv.run_closure(closure, second=True, evaluate=True)
+        g_dot_d, d_dot_m, nu = model
+        lr = self.param_groups[0]["lr"]
+        predicted = predicted_change(nu * g_dot_d, nu * nu * d_dot_m, lr=lr)
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (
+            loss, loss_plus, predicted)]).cpu()  # fmt: skip
+        before, after, predicted = (float(v) for v in values)
+        self.last_ratio = reduction_ratio(after - before, predicted)
+        factor = 0.95**self.adapt_every  # Martens & Grosse's (19/20)^T
+        for group in self.param_groups:
+            if group["curvature"]:
+                group["damping"] = lm_adapt(group["damping"], self.last_ratio, factor=factor)
 
     def _buffers(self, grads, group_of):
         """``M' = μ M + g`` per layer, out of place (written when the step is taken)."""
@@ -547,25 +596,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         buf = self.state[p].get("momentum_buffer")
         return g.clone() if buf is None else torch.add(g, buf, alpha=mu)
 
-    def _updates(self, directions, grads, buffers):
-        """``(param, Δ, new momentum buffer or None)`` per parameter to update, kl-clipped."""
-        out, dots = [], []
+    def _updates(self, directions, grads, buffers, *, model=False):
+        """``(param, Δ, new momentum buffer or None)`` per parameter to update, kl-clipped,
+        and (with ``model``) the quadratic model's terms ``(gᵀΔ, ΔᵀM, ν)`` on the device."""
+        out, g_dot_d, d_dot_m = [], [], []
         for name, (dw, db) in directions.items():
             h = self._curv.layers[name]
             bufs = (None, None) if buffers is None else buffers[name]
             for p, d, g, buf in zip((h.weight, h.module.bias), (dw, db), grads[name], bufs):
                 if p is None or p.grad is None or d is None:
                     continue
-                d = d.view_as(p)
-                out.append((p, d, None if buf is None else buf.view_as(p)))
-                if self.kl_clip is not None:
-                    dots.append((d * g.view_as(p)).sum())
-        if self.kl_clip is not None and dots:
+                d, g = d.view_as(p), g.view_as(p)
+                buf = None if buf is None else buf.view_as(p)
+                out.append((p, d, buf))
+                if self.kl_clip is not None or model:
+                    g_dot_d.append((d * g).sum())
+                if model:
+                    d_dot_m.append((d * (g if buf is None else buf)).sum())
+        nu = 1.0
+        if self.kl_clip is not None and g_dot_d:
             lr = self.param_groups[0]["lr"]
-            quad = torch.stack(dots).sum().abs() * lr**2
+            quad = torch.stack(g_dot_d).sum().abs() * lr**2
             nu = torch.clamp(torch.sqrt(self.kl_clip / quad.clamp_min(1e-30)), max=1.0)
             out = [(p, d * nu.to(d.dtype), b) for p, d, b in out]
-        return out
+        if not model or not g_dot_d:
+            return out, None
+        return out, (torch.stack(g_dot_d).sum(), torch.stack(d_dot_m).sum(), nu)
 
     def _apply(self, p, direction, group, new_buffer):
         mu, slot = group["momentum"], self.state[p]
@@ -873,6 +929,19 @@ COMMON_DOC = """
     kl_clip : float, optional
         If set, scale the step so that ``lr² · |Σ Δ·∇| <= kl_clip`` (kfac-pytorch's KL
         clipping), on the device, without a host synchronisation.
+    adaptive_damping : bool
+        Adapt the curvature groups' ``damping`` by the Levenberg–Marquardt rule
+        (:func:`curvlin.lm_adapt`) every ``adapt_every`` steps: the loss after the step, on the
+        same batch, over the change the method's own quadratic model predicted,
+        ``−lr gᵀΔ + ½ lr² ΔᵀM`` (:func:`curvlin.predicted_change`; exact for the damped model
+        whose inverse the preconditioner applies). ``ρ > 3/4`` shrinks the damping by
+        ``(19/20)^adapt_every``, ``ρ < 1/4`` grows it by as much. Needs ``opt.step(closure)``
+        and ``momentum_form="gradient"``. Costs one host synchronisation per adaptation, and
+        for methods without a second pass one extra forward and backward (no weight
+        gradients) on the batch. The model leaves out the L2 term and the fallback's
+        parameters; :attr:`last_ratio` is the last ``ρ``.
+    adapt_every : int
+        Steps between adaptations (step 0 adapts).
     stats_every, refresh_every : int
         Gather statistics every ``stats_every`` steps, refresh the amortised part (inverses)
         every ``refresh_every`` steps; step 0 does both.

@@ -78,22 +78,10 @@ class _KBFGSFront(CurvatureOptimizer):
     default_damping = 0.3
     _owner_name = "KBFGS"
 
-    def _setup(self, model, lr, damping, momentum, weight_decay, momentum_form, kl_clip,
-               unsupported, block_options, engine_options):  # fmt: skip
+    def _setup(self, model, common, block_options, engine_options):
+        """``common``: the optimizer options every front takes (lr, damping, momentum, ...)."""
         make_block, options = self.block_factory(**block_options, **engine_options)
-        super().__init__(
-            model,
-            make_block,
-            owner=self._owner_name,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            momentum_form=momentum_form,
-            kl_clip=kl_clip,
-            unsupported=unsupported,
-            **options,
-        )
+        super().__init__(model, make_block, owner=self._owner_name, **common, **options)
 
     @staticmethod
     def block_factory(
@@ -195,6 +183,8 @@ class KBFGS(_KBFGSFront):
         *,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        adaptive_damping: bool = False,
+        adapt_every: int = 5,
         a_update: str = "ema",
         stats_every: int = 1,
         check_every: int | None = 100,
@@ -209,8 +199,10 @@ class KBFGS(_KBFGSFront):
         block = dict(memory=None, a_update=a_update, variant=variant, mu1=mu1)
         block.update(a_decay=a_decay, pair_decay=pair_decay, skip_threshold=skip_threshold)
         engine = dict(stats_every=stats_every, check_every=check_every, factor_dtype=factor_dtype)
-        self._setup(model, lr, damping, momentum, weight_decay, momentum_form, kl_clip,
-                    unsupported, block, engine)  # fmt: skip
+        common = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        common.update(momentum_form=momentum_form, kl_clip=kl_clip, unsupported=unsupported)
+        common.update(adaptive_damping=adaptive_damping, adapt_every=adapt_every)
+        self._setup(model, common, block, engine)
 
 
 class KBFGSL(_KBFGSFront):
@@ -273,6 +265,8 @@ class KBFGSL(_KBFGSFront):
         *,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        adaptive_damping: bool = False,
+        adapt_every: int = 5,
         memory: int = 100,
         a_update: str = "minibatch",
         stats_every: int = 1,
@@ -290,8 +284,10 @@ class KBFGSL(_KBFGSFront):
         block.update(a_decay=a_decay, pair_decay=pair_decay, skip_threshold=skip_threshold)
         block.update(lbfgs_method=lbfgs_method)
         engine = dict(stats_every=stats_every, check_every=check_every, factor_dtype=factor_dtype)
-        self._setup(model, lr, damping, momentum, weight_decay, momentum_form, kl_clip,
-                    unsupported, block, engine)  # fmt: skip
+        common = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        common.update(momentum_form=momentum_form, kl_clip=kl_clip, unsupported=unsupported)
+        common.update(adaptive_damping=adaptive_damping, adapt_every=adapt_every)
+        self._setup(model, common, block, engine)
 
     @staticmethod
     def block_factory(*, memory: int = 100, a_update: str = "minibatch", **options):

@@ -92,6 +92,8 @@ class KFAC(CurvatureOptimizer):
         *,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        adaptive_damping: bool = False,
+        adapt_every: int = 5,
         decay: float = 0.95,
         exact_damping: bool = False,
         fisher: str = "empirical",
@@ -126,6 +128,8 @@ class KFAC(CurvatureOptimizer):
             weight_decay=weight_decay,
             momentum_form=momentum_form,
             kl_clip=kl_clip,
+            adaptive_damping=adaptive_damping,
+            adapt_every=adapt_every,
             unsupported=unsupported,
             **options,
         )
