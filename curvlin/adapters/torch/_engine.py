@@ -429,8 +429,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"{owner}: unsupported= must return a torch.optim.Optimizer, got "
                     f"{type(self._fallback).__name__}"
                 )
-            lrs = {g["lr"] for g in self._fallback.param_groups}
-            groups.append({"params": others, "curvature": False, "lr": lrs.pop()})
+            if len(self._fallback.param_groups) != 1:
+                raise ValueError(
+                    f"{owner}: the unsupported= optimizer must have one param group (its lr "
+                    f"becomes this optimizer's last group's), got "
+                    f"{len(self._fallback.param_groups)}"
+                )
+            lr_fallback = self._fallback.param_groups[0]["lr"]
+            groups.append({"params": others, "curvature": False, "lr": lr_fallback})
         elif others:
             groups.append({"params": others, "curvature": False})
         defaults = {
@@ -643,9 +649,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not others:
             return
         if self._fallback is not None:
-            group = self.param_groups[-1]
-            for inner in self._fallback.param_groups:
-                inner["lr"] = group["lr"]
+            self._fallback.param_groups[0]["lr"] = self.param_groups[-1]["lr"]
             self._fallback.step()
             return
         for p in others:  # "sgd": the same momentum on the identity preconditioner
