@@ -11,6 +11,8 @@ and below the best of three tuned Adam runs.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -37,7 +39,7 @@ def _model():
     torch.manual_seed(0)
     dims = [64, 128, 64, 16, 64, 128, 64]
     layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         layers += [nn.Linear(a, b), nn.ReLU() if i < len(dims) - 2 else nn.Sigmoid()]
     return nn.Sequential(*layers)
 
