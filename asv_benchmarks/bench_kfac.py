@@ -104,6 +104,8 @@ MODES = (
     "kbfgsl",
 )
 
+#: The problems a :class:`Trainer` can build.
+PROBLEMS = ("autoencoder", "cnn")
 #: Layer widths of the MNIST autoencoder; no activation after the code (30) and output layers.
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 BATCH = 1000
@@ -143,6 +145,33 @@ def _torch_device(device: str):
     return dev
 
 
+#: The CNN problem: a small CIFAR-like network on random 3×32×32 images, batch 128. Three
+#: 3×3 convolutions (padding 1, with bias) with channels 3→32→64→64, each followed by ReLU
+#: and 2×2 max-pooling (32×32 → 16×16 → 8×8 → 4×4), then a Linear 64·4·4 = 1024 → 10 and the
+#: cross-entropy loss against random labels; 75 178 parameters, float32.
+CNN_CHANNELS = (3, 32, 64, 64)
+CNN_IMAGE = 32
+CNN_CLASSES = 10
+CNN_BATCH = 128
+#: asv parameter of :class:`CNNStep`: the modes run on the CNN (the amortised ones add
+#: nothing new there).
+CNN_MODES = ("sgd", "kfac-empirical", "kfac-mc", "kbfgs", "kbfgsl")
+
+
+def build_cnn(device, *, seed: int = 0):
+    """The 3-conv CNN of :data:`CNN_CHANNELS` (float32) on ``device``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for c_in, c_out in itertools.pairwise(CNN_CHANNELS):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    side = CNN_IMAGE // 2 ** (len(CNN_CHANNELS) - 1)
+    layers += [nn.Flatten(), nn.Linear(CNN_CHANNELS[-1] * side * side, CNN_CLASSES)]
+    return nn.Sequential(*layers).to(device=device, dtype=torch.float32)
+
+
 def build_model(device, *, seed: int = 0):
     """The 784-1000-500-250-30-250-500-1000-784 autoencoder (float32) on ``device``."""
     import torch
@@ -168,17 +197,29 @@ class Trainer:
     device : torch.device or str
     x : Tensor, shape (BATCH, 784)
         The input batch, also the target of the BCE-with-logits loss.
+    problem : {"autoencoder", "cnn"}
+        The autoencoder (BCE with logits against ``x``) or the CNN (cross-entropy against
+        ``target``).
+    target : Tensor, optional
+        The CNN's labels.
     """
 
-    def __init__(self, mode: str, device, x):
+    def __init__(self, mode: str, device, x, *, problem: str = "autoencoder", target=None):
         import torch
         from torch.nn import functional as F
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if problem not in PROBLEMS:
+            raise ValueError(f"unknown problem {problem!r}; expected one of {PROBLEMS}")
         self.mode, self.x = mode, x
-        self.model = build_model(device)
-        self._loss_fn = F.binary_cross_entropy_with_logits
+        if problem == "cnn":
+            self.model = build_cnn(device)
+            self._loss_fn, self.target, mc_loss = F.cross_entropy, target, "cross_entropy"
+        else:
+            self.model = build_model(device)
+            self._loss_fn, self.target = F.binary_cross_entropy_with_logits, x
+            mc_loss = "bce_with_logits"
         self.mc = "-mc" in mode
         self.schedule_kwargs = None
         self.closure_driven = mode.startswith("kbfgs")
@@ -199,7 +240,7 @@ class Trainer:
                 damping=_DAMPING,
                 momentum=_MOMENTUM,
                 fisher="mc" if self.mc else "empirical",
-                loss="bce_with_logits" if self.mc else None,
+                loss=mc_loss if self.mc else None,
                 **self.schedule_kwargs,
             )
         self.sync = torch.cuda.synchronize if x.device.type == "cuda" else _no_sync
@@ -213,7 +254,7 @@ class Trainer:
         else:
             opt.zero_grad(set_to_none=True)
             output = self.model(self.x)
-            loss = self._loss_fn(output, self.x)
+            loss = self._loss_fn(output, self.target)
             if self.mc:
                 opt.backward_fisher(output)
             loss.backward()
@@ -224,7 +265,7 @@ class Trainer:
 
     def _closure(self):
         self.opt.zero_grad(set_to_none=True)
-        loss = self._loss_fn(self.model(self.x), self.x)
+        loss = self._loss_fn(self.model(self.x), self.target)
         loss.backward()
         return loss
 
@@ -281,14 +322,19 @@ def _no_sync(*args):
     return None
 
 
-def build_trainer(mode: str, device: str) -> Trainer:
+def build_trainer(mode: str, device: str, problem: str = "autoencoder") -> Trainer:
     """A warmed-up :class:`Trainer` for ``mode`` on the ``device`` label's torch device."""
     import torch
 
     dev = _torch_device(device)
     gen = torch.Generator().manual_seed(1234)
-    x = torch.rand(BATCH, SIZES[0], generator=gen).to(dev)
-    trainer = Trainer(mode, dev, x)
+    if problem == "cnn":
+        x = torch.rand(CNN_BATCH, CNN_CHANNELS[0], CNN_IMAGE, CNN_IMAGE, generator=gen).to(dev)
+        target = torch.randint(CNN_CLASSES, (CNN_BATCH,), generator=gen).to(dev)
+        trainer = Trainer(mode, dev, x, problem=problem, target=target)
+    else:
+        x = torch.rand(BATCH, SIZES[0], generator=gen).to(dev)
+        trainer = Trainer(mode, dev, x)
     for _ in range(_WARMUP_STEPS):
         trainer.step()
     trainer.check()

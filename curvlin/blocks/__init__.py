@@ -6,7 +6,7 @@ checkpoints; one module per method holds its block and state.
 """
 
 from ._schedule import Schedule
-from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous
+from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous, homogeneous_gram
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kfac import KFACBlock, KFACState
@@ -26,4 +26,5 @@ __all__ = [
     "LayerBatch",
     "Schedule",
     "homogeneous",
+    "homogeneous_gram",
 ]

@@ -36,7 +36,7 @@ from array_api_compat import device as _device
 
 from ..backends import Array, get_backend
 
-__all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous"]
+__all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous", "homogeneous_gram"]
 
 #: What a block may need from a step: the layer's input rows, its output (pre-activation)
 #: rows, per-example output-gradient rows, and a second forward/backward pass on the same batch
@@ -114,6 +114,37 @@ def homogeneous(x: Array, /, *, bias: bool) -> Array:
         return x
     xp = get_backend(x).xp
     return xp.concat([x, xp.ones((x.shape[0], 1), dtype=x.dtype, device=_device(x))], axis=1)
+
+
+def homogeneous_gram(x: Array, /, *, bias: bool, scale: float = 1.0) -> Array:
+    """``scale · x̄ᵀx̄`` for ``x̄ = [x, 1]`` (``bias``) or ``x̄ = x``, without forming ``x̄``.
+
+    ``x̄ᵀx̄ = [[xᵀx, xᵀ1], [1ᵀx, R]]``: the Gram matrix of the ``R`` rows ``x``, their column
+    sums and ``R``, assembled in one (d + 1, d + 1) array. The rows are never copied, so a
+    large batch of im2col patches costs no second copy; the result equals the Gram matrix of
+    the concatenated rows up to rounding, and is exactly symmetric.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin.blocks import homogeneous, homogeneous_gram
+    >>> x = np.arange(6.0).reshape(3, 2)
+    >>> xb = homogeneous(x, bias=True)
+    >>> np.array_equal(homogeneous_gram(x, bias=True), xb.T @ xb)
+    True
+    """
+    backend = get_backend(x)
+    if not bias:
+        return backend.gram(x, scale=scale)
+    xp = backend.xp
+    d = x.shape[1]
+    out = xp.empty((d + 1, d + 1), dtype=x.dtype, device=_device(x))
+    out[:d, :d] = backend.gram(x, scale=scale)
+    col = xp.sum(x, axis=0) * scale
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = float(x.shape[0]) * scale
+    return out
 
 
 class Block:

@@ -58,7 +58,7 @@ from ..quasi_newton import (
     lbfgs_init,
     lbfgs_push,
 )
-from .base import Block, BlockState, LayerBatch, homogeneous
+from .base import Block, BlockState, LayerBatch, homogeneous, homogeneous_gram
 
 __all__ = ["KBFGSBlock", "KBFGSLBlock", "KBFGSState"]
 
@@ -337,9 +337,9 @@ class KBFGSBlock(Block):
         if self.a_update == "minibatch" and state.a_updates > 0:  # a host counter
             self._check_rows(batch.inputs, "statistics")
             return {}
-        backend = get_backend(state.h_a)
-        xb = _cast(backend.xp, self.homogeneous(batch.inputs), state.h_a.dtype)
-        return {"a": backend.gram(xb, scale=1.0 / batch.n_examples)}
+        self._check_rows(batch.inputs, "statistics")
+        x = _cast(get_backend(state.h_a).xp, batch.inputs, state.h_a.dtype)
+        return {"a": homogeneous_gram(x, bias=self.bias, scale=1.0 / batch.n_examples)}
 
     def fold(self, state: KBFGSState, stats: dict[str, Array], /, *, damping) -> KBFGSState:
         """EMA of ``A`` (first batch: ``H_a ← (A + √λ I)⁻¹``); counts the batch."""
@@ -499,8 +499,8 @@ class KBFGSBlock(Block):
             if self.a_update == "ema":
                 a = state.a
             else:
-                xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
-                a = backend.gram(xb, scale=1.0 / n)
+                xc = _cast(xp, x, state.h_a.dtype)
+                a = homogeneous_gram(xc, bias=self.bias, scale=1.0 / n)
             state = replace(state, h_a=spd_inverse(a, damping=lam_a))
             rebuilt.append("h_a")
         if dense_g and not ok[1]:

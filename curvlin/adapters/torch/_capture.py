@@ -118,6 +118,11 @@ class LayerCapture:
         #: input constant) a root of the backward graph, so that output gradients are captured
         #: with every parameter frozen: a backward without any weight-gradient GEMM.
         self.root_outputs = False
+        #: Names of the layers whose outputs the blocks read (None: every layer). The others'
+        #: outputs are dropped once their gradient is in (or, for the empirical Fisher, not
+        #: kept at all: the gradient hook lives on the tensor), so no pre-activation outlives
+        #: the backward pass that needs it.
+        self.keep_outputs: set[str] | None = None
         self.records: dict[str, list[Record]] = {}
         #: Examples seen by the root module while recording (0 if it could not tell).
         self.examples = 0
@@ -158,9 +163,16 @@ class LayerCapture:
                 return
             record = self.records[name][-1]
             replaced = self.root_outputs and not output.requires_grad
-            if replaced:  # a clone, not the leaf itself: in-place operations after it stay legal
-                output = output.detach().requires_grad_().clone()
-            record.output = output
+            if replaced:
+                # ``output − 0`` with a 0-d leaf that requires grad: a non-leaf with the same
+                # values bit for bit (x − 0 keeps −0), so in-place operations after the layer
+                # stay legal, and the backward reaches it without any parameter gradient. The
+                # subtraction saves nothing for its backward, so the original output is freed
+                # (a clone of a leaf would keep both, and the leaf's gradient a third copy).
+                zero = torch.zeros((), dtype=output.dtype, device=output.device)
+                output = output - zero.requires_grad_()
+            if self.keep_outputs is None or name in self.keep_outputs or not self.capture_grads:
+                record.output = output  # the sampled Fisher's backward needs every output
             if self.capture_grads and output.requires_grad:
                 # A weak reference: the hook lives on the output, which the record holds, and
                 # the garbage collector cannot see references held by a tensor's hooks, so a

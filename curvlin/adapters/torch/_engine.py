@@ -137,6 +137,7 @@ class Curvature:
         self.needs = self.driver.needs
         self.capture = LayerCapture(self.layers, root=model)
         self.capture.capture_grads = fisher == "empirical"
+        self.capture.keep_outputs = {n for n, b in blocks.items() if "outputs" in b.needs}
         #: Layers captured at least once (or restored from a checkpoint).
         self.seen: set[str] = set()
         device = next(iter(self.layers.values())).weight.device
@@ -184,6 +185,11 @@ class Curvature:
             retain_graph=True,
             allow_unused=True,
         )
+        keep = self.capture.keep_outputs
+        for name, recorded in self.capture.records.items():
+            for record in recorded:
+                if keep is not None and name not in keep:
+                    record.output = None  # consumed: free the pre-activation now
         for record, grad in zip(records, grads):
             record.grad = grad  # None for a forward pass that did not lead to ``output``
 
@@ -508,8 +514,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not driver.all_finite(probes):
             driver.skip()
             return loss
+        del probes  # diagonals are views: they would keep every statistic alive
+        if batches and not _batches_needed_later(curv, driver):
+            batches = None  # the rows are consumed: free them before the refresh
         damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
         states = driver.fold_refresh(stats, damping=damping)
+        del stats  # folded into the states
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
         directions = driver.precondition(states, grads if buffers is None else buffers)
         updates = self._updates(directions, grads, buffers)
@@ -690,6 +700,11 @@ def _decayed(grad, p, wd):
     return grad + wd * p if wd else grad
 
 
+def _batches_needed_later(curv: Curvature, driver: Driver) -> bool:
+    """Whether a step reads its batches after the statistics (a second pass or a check)."""
+    return "second_pass" in curv.needs or driver.check_due()
+
+
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -805,8 +820,12 @@ class Preconditioner:
             if not driver.all_finite(probes):
                 driver.skip()
                 return False
+            del probes  # diagonals are views: they would keep every statistic alive
+            if not second:
+                batches = None  # the rows are consumed: free them before the refresh
             damping = dict.fromkeys(curv.layers, self.damping)
             states = driver.fold_refresh(stats, damping=damping)
+            del stats  # folded into the states
             directions = driver.precondition(states, grads)
             for name, (dw, db) in directions.items():
                 h = curv.layers[name]
