@@ -54,11 +54,12 @@ class LayerBatch:
         Layer inputs without the homogeneous 1: one row per example, or per example and
         spatial position for a convolution (im2col patches).
     outputs : array of shape (R, d_out), or None
-        The layer's outputs (pre-activations) on the same rows.
+        The layer's outputs (pre-activations) on the same rows (shape ``(..., d_out)``, the
+        rows spread over several leading axes, for a block with ``flat_outputs = False``).
     output_grads : array of shape (R, d_out), or None
-        Output gradients on the same rows; ``grad_scale · output_grads`` are per-example
-        gradients (``N ×`` autograd's gradient of a batch-mean loss, or sampled ones for a
-        sampled Fisher).
+        Output gradients on the same rows (the same shape as ``outputs``);
+        ``grad_scale · output_grads`` are per-example gradients (``N ×`` autograd's gradient
+        of a batch-mean loss, or sampled ones for a sampled Fisher).
     n_examples : int
         ``N``, the number of examples the ``R`` rows come from (the normaliser of a mean over
         examples; 1 for a summed loss).
@@ -187,6 +188,11 @@ class Block:
 
     #: What the block needs from a step, a subset of :data:`NEEDS`.
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``outputs`` and ``output_grads`` must be 2-D rows ``(R, d_out)``. A block that
+    #: only reduces them over rows sets False and accepts ``(..., d_out)`` arrays with several
+    #: leading axes (a convolution's ``(N, T, d_out)`` view of its ``(N, d_out, H, W)``
+    #: output), which spares the adapter a copy.
+    flat_outputs: ClassVar[bool] = True
 
     d_out: int
     d_in: int
@@ -217,6 +223,15 @@ class Block:
     def ready(self, state: BlockState, /) -> bool:
         """Whether :meth:`precondition` can be called (e.g. an inverse exists). No sync."""
         return True
+
+    def before_second_pass(self, state: BlockState, batch: LayerBatch, /, *, damping) -> BlockState:
+        """The part of the second-pass update that needs only the first pass's ``batch``.
+
+        Run after the parameter update and before the second forward/backward pass, so that
+        the adapter can free ``batch.inputs`` before that pass (it then hands
+        :meth:`second_pass` the batch with ``inputs=None``). By default nothing.
+        """
+        return state
 
     def second_pass(
         self, state: BlockState, batch: LayerBatch, batch_plus: LayerBatch, /, *, damping

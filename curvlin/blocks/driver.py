@@ -11,7 +11,9 @@ per layer and asks the driver, in this order:
    fold, and refresh when due; it returns the new states without committing them;
 3. :meth:`Driver.precondition` with those states;
 4. the adapter updates the parameters; then, on statistics steps of a method with a second
-   pass, :meth:`Driver.second_pass` with the batch seen again;
+   pass, :meth:`Driver.before_second_pass` (which consumes the batches' inputs, so the
+   adapter can free them before the second forward pass) and :meth:`Driver.second_pass`
+   with the batch seen again;
 5. :meth:`Driver.check` when due, and :meth:`Driver.commit`.
 
 Nothing is written to the driver before :meth:`commit`, so an exception anywhere before it
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from ..backends import Array, get_backend
 from ._schedule import Schedule
@@ -194,6 +197,24 @@ class Driver:
             if block.ready(state):
                 out[name] = block.precondition(state, grad_w, grad_b)
         return out
+
+    def before_second_pass(
+        self,
+        states: Mapping[str, BlockState],
+        batches: Mapping[str, LayerBatch],
+        *,
+        damping: Mapping[str, float],
+    ) -> tuple[dict[str, BlockState], dict[str, LayerBatch]]:
+        """:meth:`Block.before_second_pass` of every layer with a second pass; returns the
+        states and the batches to hand :meth:`second_pass`, without their inputs (they are
+        consumed: an adapter frees them before the second forward pass)."""
+        states, rest = dict(states), dict(batches)
+        for name, batch in batches.items():
+            block = self.blocks[name]
+            if "second_pass" in block.needs and batch.inputs is not None:
+                states[name] = block.before_second_pass(states[name], batch, damping=damping[name])
+                rest[name] = replace(batch, inputs=None)
+        return states, rest
 
     def second_pass(
         self,

@@ -30,6 +30,26 @@ class Record:
         self.grad: torch.Tensor | None = None
 
 
+class _Root(torch.autograd.Function):
+    """A copy of ``x`` that is a root of the backward graph with every parameter frozen.
+
+    ``anchor`` is a 0-d leaf that requires grad, so the copy requires grad and the backward
+    reaches it; its gradient hook captures the output gradient and the backward stops here
+    (nothing is computed for ``x`` or ``anchor``). The copy is not a leaf, so in-place
+    operations after the layer stay legal, and nothing is saved for the backward: the
+    original output is freed at once (a clone of a leaf would keep both, and autograd would
+    store a third copy as the leaf's ``.grad``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
 #: What ``unsupported=`` accepts besides a torch optimizer factory.
 UNSUPPORTED = ("error", "sgd", "adam")
 
@@ -164,13 +184,7 @@ class LayerCapture:
             record = self.records[name][-1]
             replaced = self.root_outputs and not output.requires_grad
             if replaced:
-                # ``output − 0`` with a 0-d leaf that requires grad: a non-leaf with the same
-                # values bit for bit (x − 0 keeps −0), so in-place operations after the layer
-                # stay legal, and the backward reaches it without any parameter gradient. The
-                # subtraction saves nothing for its backward, so the original output is freed
-                # (a clone of a leaf would keep both, and the leaf's gradient a third copy).
-                zero = torch.zeros((), dtype=output.dtype, device=output.device)
-                output = output - zero.requires_grad_()
+                output = _Root.apply(output, self._anchor(output))
             if self.keep_outputs is None or name in self.keep_outputs or not self.capture_grads:
                 record.output = output  # the sampled Fisher's backward needs every output
             if self.capture_grads and output.requires_grad:
@@ -188,6 +202,10 @@ class LayerCapture:
             return output if replaced else None
 
         return hook
+
+    @staticmethod
+    def _anchor(like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=like.dtype, device=like.device).requires_grad_()
 
     def clear(self) -> None:
         """Forget everything recorded (call after the statistics are consumed)."""

@@ -214,17 +214,25 @@ class Curvature:
             records = [r for r in recorded if r.grad is not None]
             if not records:
                 continue
-            handler, needs = self.layers[name], self.driver.blocks[name].needs
+            handler, block = self.layers[name], self.driver.blocks[name]
+            needs = block.needs
             n = examples or sum(handler.n_examples(r.input) for r in records)
             mean = self.loss_reduction != "sum"
+            # Blocks that only average outputs over rows get them without a copy where the
+            # layout allows; several calls of one layer are concatenated as rows.
+            rows = (
+                handler.output_view
+                if not block.flat_outputs and len(records) == 1
+                else handler.output_rows
+            )
             batches[name] = LayerBatch(
                 inputs=_cat([handler.input_rows(r.input) for r in records])
                 if "inputs" in needs and not plus
                 else None,
-                outputs=_cat([handler.output_rows(r.output.detach()) for r in records])
+                outputs=_cat([rows(r.output.detach()) for r in records])
                 if "outputs" in needs
                 else None,
-                output_grads=_cat([handler.output_rows(r.grad) for r in records]),
+                output_grads=_cat([rows(r.grad) for r in records]),
                 n_examples=n if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
@@ -528,12 +536,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._apply(p, direction, group_of[id(p)], new_buffer)
         self._fallback_step(others, group_of)
         if curv.second_pass_due and batches:
+            first = states
+            if not driver.check_due():  # a check reads the inputs after the second pass
+                # The input-side update needs only the first pass: done now, the input rows
+                # (a convolution's patches) are freed before the second forward pass.
+                states, batches = driver.before_second_pass(states, batches, damping=damping)
             try:
                 curv.run_closure(closure, second=True)
                 plus = curv.collect(plus=True)
                 states = driver.second_pass(states, batches, plus, damping=damping)
             except BaseException:
-                driver.commit(states)  # the step stands, without its second-pass update
+                driver.commit(first)  # the step stands, without its second-pass update
                 raise
         rebuilt = {}
         if batches and driver.check_due():

@@ -47,6 +47,11 @@ class LayerHandler:
         """Rows of output gradients, shape (R, d_out), matching :meth:`input_rows`."""
         raise NotImplementedError
 
+    def output_view(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs or output gradients as ``(..., d_out)`` without a copy where the layout
+        allows (for blocks with ``flat_outputs = False``); by default :meth:`output_rows`."""
+        return self.output_rows(out)
+
     def n_examples(self, x: torch.Tensor) -> int:
         """The number of examples in a batch input (its leading axis)."""
         return x.shape[0]
@@ -119,6 +124,10 @@ class Conv2dHandler(LayerHandler):
     def output_rows(self, grad):
         """Output gradients ``(N, c_out, H', W')`` as rows ``(N·T, c_out)``."""
         return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+
+    def output_view(self, out):
+        """Outputs ``(N, c_out, H', W')`` as a ``(N, T, c_out)`` view: rows on two axes."""
+        return out.flatten(2).transpose(1, 2)
 
 
 _HANDLERS: dict[type[nn.Module], type[LayerHandler]] = {
