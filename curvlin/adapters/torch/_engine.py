@@ -534,6 +534,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # -- from here on, state changes -------------------------------------------------
         for p, direction, new_buffer in updates:
             self._apply(p, direction, group_of[id(p)], new_buffer)
+        # The directions and the gradient views are spent: free them before a second pass
+        # (the closure's zero_grad can only free ``.grad`` if nothing else holds it).
+        updates = directions = buffers = grads = p = direction = new_buffer = None
         self._fallback_step(others, group_of)
         if curv.second_pass_due and batches:
             first = states
