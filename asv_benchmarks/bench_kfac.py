@@ -394,7 +394,7 @@ def amortised_step_time(
             f"refresh_every={r}, got {window}"
         )
     # Do not time a refresh step inside the window: skip ahead past one if it is near.
-    while any(sched.inverse_due(kfac.count + i) for i in range(window)):
+    while any(sched.refresh_due(kfac.count + i) for i in range(window)):
         kfac.step()
     times = {"plain": [], "stats": []}
     t_sgd = []

@@ -138,6 +138,7 @@ class Curvature:
         self.capture = LayerCapture(self.layers, root=model)
         self.capture.capture_grads = fisher == "empirical"
         self.capture.keep_outputs = {n for n, b in blocks.items() if "outputs" in b.needs}
+        self.input_probes: list[torch.Tensor] = []
         #: Layers captured at least once (or restored from a checkpoint).
         self.seen: set[str] = set()
         device = next(iter(self.layers.values())).weight.device
@@ -152,6 +153,7 @@ class Curvature:
     def arm(self) -> None:
         """Forget what was recorded; record the next passes only if the next step needs them."""
         self.capture.clear()
+        self.input_probes = []
         self.capture.root_outputs = False
         self.capture.active = self.driver.stats_due()
 
@@ -206,6 +208,10 @@ class Curvature:
         Raises if a statistics step recorded no layer with its output gradient.
         """
         batches = {}
+        #: The layer inputs as captured, for the finiteness check of a step whose batches
+        #: outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
+        #: input is the cheaper probe (and the stricter: it also sees entries no patch reads).
+        self.input_probes = []
         sampled = self.fisher == "mc" and not plus
         examples = self.capture.examples
         for name, recorded in self.capture.records.items():
@@ -225,6 +231,8 @@ class Curvature:
                 if not block.flat_outputs and len(records) == 1
                 else handler.output_rows
             )
+            if "inputs" in needs and not plus:
+                self.input_probes += [r.input for r in records]
             batches[name] = LayerBatch(
                 inputs=_cat([handler.input_rows(r.input) for r in records])
                 if "inputs" in needs and not plus
@@ -518,11 +526,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         probes = [t for pair in grads.values() for t in pair if t is not None]
         probes += [p.grad for p in others] + driver.probes(stats)
         if "second_pass" in curv.needs and batches:
-            probes += [a for b in batches.values() for a in b.arrays()]
+            probes += _batch_probes(curv, batches)
         if not driver.all_finite(probes):
             driver.skip()
             return loss
         del probes  # diagonals are views: they would keep every statistic alive
+        curv.input_probes = []
         if batches and not _batches_needed_later(curv, driver):
             batches = None  # the rows are consumed: free them before the refresh
         damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
@@ -716,6 +725,13 @@ def _decayed(grad, p, wd):
     return grad + wd * p if wd else grad
 
 
+def _batch_probes(curv: Curvature, batches) -> list[torch.Tensor]:
+    """What the finiteness check reads of batches kept for a second pass: outputs and output
+    gradients, and the captured layer inputs in place of their rows."""
+    out = [a for b in batches.values() for a in (b.outputs, b.output_grads) if a is not None]
+    return out + curv.input_probes
+
+
 def _batches_needed_later(curv: Curvature, driver: Driver) -> bool:
     """Whether a step reads its batches after the statistics (a second pass or a check)."""
     return "second_pass" in curv.needs or driver.check_due()
@@ -832,11 +848,12 @@ class Preconditioner:
             probes += driver.probes(stats)
             second = "second_pass" in curv.needs and batches
             if second:
-                probes += [a for b in batches.values() for a in b.arrays()]
+                probes += _batch_probes(curv, batches)
             if not driver.all_finite(probes):
                 driver.skip()
                 return False
             del probes  # diagonals are views: they would keep every statistic alive
+            curv.input_probes = []
             if not second:
                 batches = None  # the rows are consumed: free them before the refresh
             damping = dict.fromkeys(curv.layers, self.damping)
