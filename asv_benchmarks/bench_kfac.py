@@ -430,6 +430,59 @@ def amortised_step_time(
     return mean, min(t_sgd), parts
 
 
+#: Steps after the warm-up step in a peak-memory run (statistics and refresh every step in
+#: the every-step modes; the amortised modes' window holds plain and statistics steps).
+_PEAK_STEPS = 4
+
+
+def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int = _PEAK_STEPS):
+    """Peak memory in MiB of a fresh run: build the trainer (one warm-up step), ``steps`` more.
+
+    On the CPU the process's peak resident set (``ru_maxrss``); on CUDA the peak of torch's
+    allocator. Meant to run in a process of its own (:func:`peak_over_sgd_mib`).
+    """
+    import resource
+    import sys
+
+    import torch
+
+    trainer = build_trainer(mode, device, problem)
+    for _ in range(steps):
+        trainer.step()
+    trainer.check()
+    if trainer.x.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(trainer.x.device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
+
+
+def _peak_in_subprocess(mode: str, device: str, problem: str) -> float:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here) if "." in __name__ else here
+    code = (
+        "import json, sys, importlib\n"
+        f"sys.path.insert(0, {root!r})\n"
+        f"m = importlib.import_module({__name__!r})\n"
+        f"print(json.dumps(m.peak_mib({mode!r}, {device!r}, {problem!r})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=600
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def peak_over_sgd_mib(mode: str, device: str, problem: str = "autoencoder") -> float:
+    """Extra peak memory of ``mode`` over SGD in MiB: :func:`peak_mib` of each in a fresh
+    process (same model, data and number of steps), the difference."""
+    _torch_device(device)  # skip (NotImplementedError) before starting any process
+    return _peak_in_subprocess(mode, device, problem) - _peak_in_subprocess("sgd", device, problem)
+
+
 class AutoencoderStep:
     """One training step of the MNIST autoencoder: SGD, four KFAC modes, K-BFGS and K-BFGS(L).
 
@@ -479,3 +532,57 @@ class AutoencoderStep:
         return self.trainer.state_bytes_over_params()
 
     track_state_over_params.unit = "bytes / parameter bytes"
+
+    def peakmem_steps(self, device, mode):
+        """Peak resident memory of the process over the warm-up and three more steps (asv runs
+        each benchmark in a fresh process: compare with ``mode="sgd"``)."""
+        for _ in range(3):
+            self.trainer.step()
+
+    def track_peak_over_sgd(self, device, mode):
+        """Extra peak memory over an SGD run, MiB: a fresh process per optimizer (the trainer,
+        one warm-up and four more steps), peak RSS on the CPU, the allocator's peak on CUDA."""
+        return peak_over_sgd_mib(mode, device)
+
+    track_peak_over_sgd.unit = "MiB over SGD"
+
+
+class CNNStep:
+    """One training step of the 3-conv CNN (:func:`build_cnn`, batch 128): SGD, KFAC
+    (empirical and sampled Fisher, every step), K-BFGS and K-BFGS(L).
+
+    The same measurements as :class:`AutoencoderStep`: ``time_step``, ``track_ratio_to_sgd``
+    (seven interleaved rounds, minimum), ``peakmem_steps`` and ``track_peak_over_sgd``. The
+    learning rate, damping and momentum are the autoencoder's. Goals (watched, never
+    asserted): every ratio at most 0.85× the best peer implementing the same method, K-BFGS(L)
+    at most 0.75× ASDL's K-BFGS (docs/benchmarks.md).
+    """
+
+    param_names = ("device", "mode")
+    params = (DEVICES, CNN_MODES)
+    number = 1
+    repeat = (3, 10, 30.0)
+    warmup_time = 0
+    timeout = 600
+
+    def setup(self, device, mode):
+        self.trainer = cached(("CNNStep", device, mode), lambda: build_trainer(mode, device, "cnn"))
+
+    def time_step(self, device, mode):
+        self.trainer.step()
+
+    def track_ratio_to_sgd(self, device, mode):
+        return ratio_every_step(self.trainer, build_trainer("sgd", device, "cnn"))
+
+    track_ratio_to_sgd.unit = "ratio to SGD step"
+
+    def peakmem_steps(self, device, mode):
+        """As :meth:`AutoencoderStep.peakmem_steps`."""
+        for _ in range(3):
+            self.trainer.step()
+
+    def track_peak_over_sgd(self, device, mode):
+        """As :meth:`AutoencoderStep.track_peak_over_sgd`, on the CNN."""
+        return peak_over_sgd_mib(mode, device, "cnn")
+
+    track_peak_over_sgd.unit = "MiB over SGD"

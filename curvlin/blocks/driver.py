@@ -172,15 +172,24 @@ class Driver:
         return out
 
     def fold_refresh(
-        self, stats: Mapping[str, Mapping[str, Array]] | None, /, *, damping: Mapping[str, float]
+        self,
+        stats: Mapping[str, Mapping[str, Array]] | None,
+        /,
+        *,
+        damping: Mapping[str, float],
+        consume: bool = False,
     ) -> dict[str, BlockState]:
         """Fold ``stats`` (layers not in it keep their state), then refresh when due.
 
-        ``damping`` holds every layer's damping. Nothing is committed.
+        ``damping`` holds every layer's damping. Nothing is committed. With ``consume`` (a
+        dict ``stats``), each layer's statistics are popped from ``stats`` as they are folded,
+        so their memory is freed layer by layer instead of after the last refresh.
         """
         states = dict(self.states)
-        for name, layer_stats in (stats or {}).items():
+        for name in list(stats or {}):
+            layer_stats = stats.pop(name) if consume else stats[name]
             states[name] = self.blocks[name].fold(states[name], layer_stats, damping=damping[name])
+            del layer_stats
         if self.refresh_due():
             for name, block in self.blocks.items():
                 states[name] = block.refresh(states[name], damping=damping[name])

@@ -535,7 +535,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if batches and not _batches_needed_later(curv, driver):
             batches = None  # the rows are consumed: free them before the refresh
         damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
-        states = driver.fold_refresh(stats, damping=damping)
+        states = driver.fold_refresh(stats, damping=damping, consume=True)
         del stats  # folded into the states
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
         directions = driver.precondition(states, grads if buffers is None else buffers)
@@ -857,7 +857,7 @@ class Preconditioner:
             if not second:
                 batches = None  # the rows are consumed: free them before the refresh
             damping = dict.fromkeys(curv.layers, self.damping)
-            states = driver.fold_refresh(stats, damping=damping)
+            states = driver.fold_refresh(stats, damping=damping, consume=True)
             del stats  # folded into the states
             directions = driver.precondition(states, grads)
             for name, (dw, db) in directions.items():
