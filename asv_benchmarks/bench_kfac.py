@@ -26,6 +26,17 @@ returns. The modes (the ``mode`` parameter):
                              curvature every step.
 ============================ ===============================================================
 
+:class:`CNNStep` runs the every-step modes (``sgd``, ``kfac-empirical``, ``kfac-mc``,
+``kbfgs``, ``kbfgsl``) on a small CIFAR-like CNN (:func:`build_cnn`): random 3×32×32 images,
+batch 128, three 3×3 convolutions (padding 1, bias) with 32, 64 and 64 channels, each followed
+by ReLU and 2×2 max-pooling, then a Linear 1024 → 10 and the cross-entropy loss against random
+labels (``loss="cross_entropy"`` for the sampled Fisher).
+
+Memory: ``peakmem_steps`` is asv's peak resident memory of the benchmark process over the
+warm-up and three more steps (compare each mode with ``sgd``); ``track_peak_over_sgd`` is the
+extra peak memory in MiB over an SGD run, each optimizer in a fresh process
+(:func:`peak_over_sgd_mib`).
+
 Goals (targets to watch, never asserted anywhere), as ``track_ratio_to_sgd`` values, i.e.
 KFAC step time over SGD step time measured in one process on the same machine:
 
@@ -438,9 +449,14 @@ _PEAK_STEPS = 4
 def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int = _PEAK_STEPS):
     """Peak memory in MiB of a fresh run: build the trainer (one warm-up step), ``steps`` more.
 
-    On the CPU the process's peak resident set (``ru_maxrss``); on CUDA the peak of torch's
-    allocator. Meant to run in a process of its own (:func:`peak_over_sgd_mib`).
+    On the CPU the process's peak resident set (``VmHWM`` of ``/proc/self/status`` where there
+    is one: Linux's ``ru_maxrss`` keeps the parent's peak across ``fork`` and ``exec``, so a
+    child of a large benchmark process would report the parent's; else ``ru_maxrss``); on
+    CUDA the peak of torch's allocator. Meant to run in a process of its own
+    (:func:`peak_over_sgd_mib`).
     """
+    import os
+    import re
     import resource
     import sys
 
@@ -452,6 +468,11 @@ def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int
     trainer.check()
     if trainer.x.device.type == "cuda":
         return torch.cuda.max_memory_allocated(trainer.x.device) / 2**20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            found = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
+        if found:
+            return int(found.group(1)) / 2**10
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
