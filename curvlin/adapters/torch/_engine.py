@@ -195,19 +195,22 @@ class Curvature:
         for record, grad in zip(records, grads):
             record.grad = grad  # None for a forward pass that did not lead to ``output``
 
-    def first_batches(self) -> dict[str, LayerBatch] | None:
+    def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks
-        are removed: the last curvature then stays in use)."""
+        are removed: the last curvature then stays in use); ``lazy`` as in :meth:`collect`."""
         if not self.driver.stats_due() or self.capture.removed:
             return None
-        return self.collect()
+        return self.collect(lazy=lazy)
 
-    def collect(self, *, plus: bool = False) -> dict[str, LayerBatch]:
+    def collect(self, *, plus: bool = False, lazy: bool = False) -> Mapping[str, LayerBatch]:
         """This step's rows per recorded layer, as the blocks need them; clears the capture.
 
+        With ``lazy`` the rows of a layer are built each time its batch is looked up, and
+        dropped with it: for batches read once (the statistics of a method without a second
+        pass), only one layer's rows (a convolution's patches) are alive at a time.
         Raises if a statistics step recorded no layer with its output gradient.
         """
-        batches = {}
+        plan = {}
         #: The layer inputs as captured, for the finiteness check of a step whose batches
         #: outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
         #: input is the cheaper probe (and the stricter: it also sees entries no patch reads).
@@ -220,6 +223,12 @@ class Curvature:
             records = [r for r in recorded if r.grad is not None]
             if not records:
                 continue
+            plan[name] = records
+            if "inputs" in self.driver.blocks[name].needs and not plus and not lazy:
+                self.input_probes += [r.input for r in records]
+
+        def build(name: str) -> LayerBatch:
+            records = plan[name]
             handler, block = self.layers[name], self.driver.blocks[name]
             needs = block.needs
             n = examples or sum(handler.n_examples(r.input) for r in records)
@@ -231,9 +240,7 @@ class Curvature:
                 if not block.flat_outputs and len(records) == 1
                 else handler.output_rows
             )
-            if "inputs" in needs and not plus:
-                self.input_probes += [r.input for r in records]
-            batches[name] = LayerBatch(
+            return LayerBatch(
                 inputs=_cat([handler.input_rows(r.input) for r in records])
                 if "inputs" in needs and not plus
                 else None,
@@ -245,8 +252,9 @@ class Curvature:
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
             )
+
         self.capture.clear()
-        if not batches:
+        if not plan:
             how = "opt.backward_fisher(output)" if self.fisher == "mc" and not plus else "backward"
             raise RuntimeError(
                 f"{self.owner}: no layer was captured with its output gradient on a statistics "
@@ -254,7 +262,9 @@ class Curvature:
                 f"enabled, then {how}, before step()"
                 + (" (in the closure's second call)" if plus else "")
             )
-        return batches
+        if lazy:
+            return _LazyBatches(plan, build)
+        return {name: build(name) for name in plan}
 
     def run_closure(self, closure, *, second: bool = False):
         """Call ``closure`` with gradients on; for the second pass, freeze every parameter and
@@ -518,7 +528,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _step(self, loss, closure):
         curv, driver = self._curv, self._curv.driver
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        batches = curv.first_batches()
+        batches = curv.first_batches(lazy=not _batches_needed_later(curv, driver))
         grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
         curv.check_seen(grads, batches)
         stats = driver.statistics(batches) if batches else None
@@ -725,6 +735,24 @@ def _decayed(grad, p, wd):
     return grad + wd * p if wd else grad
 
 
+class _LazyBatches(Mapping):
+    """Layer name → :class:`LayerBatch`, each built from its records when looked up."""
+
+    def __init__(self, plan: dict, build: Callable[[str], LayerBatch]):
+        self._plan, self._build = plan, build
+
+    def __getitem__(self, name: str) -> LayerBatch:
+        if name not in self._plan:
+            raise KeyError(name)
+        return self._build(name)
+
+    def __iter__(self):
+        return iter(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+
 def _batch_probes(curv: Curvature, batches) -> list[torch.Tensor]:
     """What the finiteness check reads of batches kept for a second pass: outputs and output
     gradients, and the captured layer inputs in place of their rows."""
@@ -839,7 +867,7 @@ class Preconditioner:
         self._pending = None
         try:
             check_hyper(curv.owner, damping=self.damping)
-            batches = curv.first_batches()
+            batches = curv.first_batches(lazy="second_pass" not in curv.needs)
             zero = {id(p): 0.0 for p in curv.all_params()}
             grads = curv.layer_grads(zero)
             curv.check_seen(grads, batches)
