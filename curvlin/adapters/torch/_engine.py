@@ -211,9 +211,9 @@ class Curvature:
         Raises if a statistics step recorded no layer with its output gradient.
         """
         plan = {}
-        #: The layer inputs as captured, for the finiteness check of a step whose batches
-        #: outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
-        #: input is the cheaper probe (and the stricter: it also sees entries no patch reads).
+        # The layer inputs as captured, for the finiteness check of a step whose batches
+        # outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
+        # input is the cheaper probe (and the stricter: it also sees entries no patch reads).
         self.input_probes = []
         sampled = self.fisher == "mc" and not plus
         examples = self.capture.examples
