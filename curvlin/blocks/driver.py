@@ -216,7 +216,9 @@ class Driver:
     ) -> tuple[dict[str, BlockState], dict[str, LayerBatch]]:
         """:meth:`Block.before_second_pass` of every layer with a second pass; returns the
         states and the batches to hand :meth:`second_pass`, without their inputs (they are
-        consumed: an adapter frees them before the second forward pass)."""
+        consumed: an adapter frees them before the second forward pass). It runs whether or
+        not the second pass then sees the layer again the same way (:meth:`second_pass` skips
+        such a layer's pair update only)."""
         states, rest = dict(states), dict(batches)
         for name, batch in batches.items():
             block = self.blocks[name]
