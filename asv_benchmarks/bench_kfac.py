@@ -26,6 +26,18 @@ returns. The modes (the ``mode`` parameter):
                              curvature every step.
 ============================ ===============================================================
 
+:class:`CNNStep` runs the every-step modes (``sgd``, ``kfac-empirical``, ``kfac-mc``,
+``kbfgs``, ``kbfgsl``) on a small CIFAR-like CNN (:func:`build_cnn`): random 3×32×32 images,
+batch 128, three 3×3 convolutions (padding 1, bias) with 32, 64 and 64 channels, each followed
+by ReLU and 2×2 max-pooling, then a Linear 1024 → 10 and the cross-entropy loss against random
+labels (``loss="cross_entropy"`` for the sampled Fisher).
+
+Memory: ``peakmem_steps`` is asv's peak resident memory of the benchmark process over the
+warm-up and three more steps (compare each mode with ``sgd``); ``track_peak_over_sgd`` is the
+extra peak memory in MiB over an SGD run, each optimizer in a fresh process whose allocator
+returns every freed block above 64 KiB, so that it counts live memory
+(:func:`peak_over_sgd_mib`).
+
 Goals (targets to watch, never asserted anywhere), as ``track_ratio_to_sgd`` values, i.e.
 KFAC step time over SGD step time measured in one process on the same machine:
 
@@ -104,6 +116,8 @@ MODES = (
     "kbfgsl",
 )
 
+#: The problems a :class:`Trainer` can build.
+PROBLEMS = ("autoencoder", "cnn")
 #: Layer widths of the MNIST autoencoder; no activation after the code (30) and output layers.
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 BATCH = 1000
@@ -143,6 +157,33 @@ def _torch_device(device: str):
     return dev
 
 
+#: The CNN problem: a small CIFAR-like network on random 3×32×32 images, batch 128. Three
+#: 3×3 convolutions (padding 1, with bias) with channels 3→32→64→64, each followed by ReLU
+#: and 2×2 max-pooling (32×32 → 16×16 → 8×8 → 4×4), then a Linear 64·4·4 = 1024 → 10 and the
+#: cross-entropy loss against random labels; 75 178 parameters, float32.
+CNN_CHANNELS = (3, 32, 64, 64)
+CNN_IMAGE = 32
+CNN_CLASSES = 10
+CNN_BATCH = 128
+#: asv parameter of :class:`CNNStep`: the modes run on the CNN (the amortised ones add
+#: nothing new there).
+CNN_MODES = ("sgd", "kfac-empirical", "kfac-mc", "kbfgs", "kbfgsl")
+
+
+def build_cnn(device, *, seed: int = 0):
+    """The 3-conv CNN of :data:`CNN_CHANNELS` (float32) on ``device``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for c_in, c_out in itertools.pairwise(CNN_CHANNELS):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    side = CNN_IMAGE // 2 ** (len(CNN_CHANNELS) - 1)
+    layers += [nn.Flatten(), nn.Linear(CNN_CHANNELS[-1] * side * side, CNN_CLASSES)]
+    return nn.Sequential(*layers).to(device=device, dtype=torch.float32)
+
+
 def build_model(device, *, seed: int = 0):
     """The 784-1000-500-250-30-250-500-1000-784 autoencoder (float32) on ``device``."""
     import torch
@@ -168,17 +209,29 @@ class Trainer:
     device : torch.device or str
     x : Tensor, shape (BATCH, 784)
         The input batch, also the target of the BCE-with-logits loss.
+    problem : {"autoencoder", "cnn"}
+        The autoencoder (BCE with logits against ``x``) or the CNN (cross-entropy against
+        ``target``).
+    target : Tensor, optional
+        The CNN's labels.
     """
 
-    def __init__(self, mode: str, device, x):
+    def __init__(self, mode: str, device, x, *, problem: str = "autoencoder", target=None):
         import torch
         from torch.nn import functional as F
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if problem not in PROBLEMS:
+            raise ValueError(f"unknown problem {problem!r}; expected one of {PROBLEMS}")
         self.mode, self.x = mode, x
-        self.model = build_model(device)
-        self._loss_fn = F.binary_cross_entropy_with_logits
+        if problem == "cnn":
+            self.model = build_cnn(device)
+            self._loss_fn, self.target, mc_loss = F.cross_entropy, target, "cross_entropy"
+        else:
+            self.model = build_model(device)
+            self._loss_fn, self.target = F.binary_cross_entropy_with_logits, x
+            mc_loss = "bce_with_logits"
         self.mc = "-mc" in mode
         self.schedule_kwargs = None
         self.closure_driven = mode.startswith("kbfgs")
@@ -199,7 +252,7 @@ class Trainer:
                 damping=_DAMPING,
                 momentum=_MOMENTUM,
                 fisher="mc" if self.mc else "empirical",
-                loss="bce_with_logits" if self.mc else None,
+                loss=mc_loss if self.mc else None,
                 **self.schedule_kwargs,
             )
         self.sync = torch.cuda.synchronize if x.device.type == "cuda" else _no_sync
@@ -213,7 +266,7 @@ class Trainer:
         else:
             opt.zero_grad(set_to_none=True)
             output = self.model(self.x)
-            loss = self._loss_fn(output, self.x)
+            loss = self._loss_fn(output, self.target)
             if self.mc:
                 opt.backward_fisher(output)
             loss.backward()
@@ -224,7 +277,7 @@ class Trainer:
 
     def _closure(self):
         self.opt.zero_grad(set_to_none=True)
-        loss = self._loss_fn(self.model(self.x), self.x)
+        loss = self._loss_fn(self.model(self.x), self.target)
         loss.backward()
         return loss
 
@@ -281,14 +334,19 @@ def _no_sync(*args):
     return None
 
 
-def build_trainer(mode: str, device: str) -> Trainer:
+def build_trainer(mode: str, device: str, problem: str = "autoencoder") -> Trainer:
     """A warmed-up :class:`Trainer` for ``mode`` on the ``device`` label's torch device."""
     import torch
 
     dev = _torch_device(device)
     gen = torch.Generator().manual_seed(1234)
-    x = torch.rand(BATCH, SIZES[0], generator=gen).to(dev)
-    trainer = Trainer(mode, dev, x)
+    if problem == "cnn":
+        x = torch.rand(CNN_BATCH, CNN_CHANNELS[0], CNN_IMAGE, CNN_IMAGE, generator=gen).to(dev)
+        target = torch.randint(CNN_CLASSES, (CNN_BATCH,), generator=gen).to(dev)
+        trainer = Trainer(mode, dev, x, problem=problem, target=target)
+    else:
+        x = torch.rand(BATCH, SIZES[0], generator=gen).to(dev)
+        trainer = Trainer(mode, dev, x)
     for _ in range(_WARMUP_STEPS):
         trainer.step()
     trainer.check()
@@ -384,6 +442,83 @@ def amortised_step_time(
     return mean, min(t_sgd), parts
 
 
+#: Steps after the warm-up step in a peak-memory run (statistics and refresh every step in
+#: the every-step modes; the amortised modes' window holds plain and statistics steps).
+_PEAK_STEPS = 4
+
+
+def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int = _PEAK_STEPS):
+    """Peak memory in MiB of a fresh run: build the trainer (one warm-up step), ``steps`` more.
+
+    On the CPU the process's peak resident set (``VmHWM`` of ``/proc/self/status`` where there
+    is one: Linux's ``ru_maxrss`` keeps the parent's peak across ``fork`` and ``exec``, so a
+    child of a large benchmark process would report the parent's; else ``ru_maxrss``); on
+    CUDA the peak of torch's allocator. Meant to run in a process of its own
+    (:func:`peak_over_sgd_mib`).
+    """
+    import os
+    import re
+    import resource
+    import sys
+
+    import torch
+
+    trainer = build_trainer(mode, device, problem)
+    for _ in range(steps):
+        trainer.step()
+    trainer.check()
+    if trainer.x.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(trainer.x.device) / 2**20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            found = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
+        if found:
+            return int(found.group(1)) / 2**10
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
+
+
+def _peak_in_subprocess(mode: str, device: str, problem: str) -> float:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here) if "." in __name__ else here
+    code = (
+        "import json, sys, importlib\n"
+        f"sys.path.insert(0, {root!r})\n"
+        f"m = importlib.import_module({__name__!r})\n"
+        f"print(json.dumps(m.peak_mib({mode!r}, {device!r}, {problem!r})))\n"
+    )
+    # Every allocation above 64 KiB its own mapping, returned when freed: the resident set
+    # follows the live tensors. With glibc's adaptive threshold the peak moves by ±25 MiB
+    # from run to run with the address-space layout (peakmem_steps shows that raw figure).
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def peak_over_sgd_mib(mode: str, device: str, problem: str = "autoencoder") -> float:
+    """Extra peak memory of ``mode`` over SGD in MiB: :func:`peak_mib` of each in a fresh
+    process (same model, data and number of steps), the difference. The processes run with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` (unless set), so that the figure counts live memory and
+    repeats to about 1 MiB; glibc's caching of freed chunks is left out."""
+    _torch_device(device)  # skip (NotImplementedError) before starting any process
+    return _peak_in_subprocess(mode, device, problem) - _peak_in_subprocess("sgd", device, problem)
+
+
 class AutoencoderStep:
     """One training step of the MNIST autoencoder: SGD, four KFAC modes, K-BFGS and K-BFGS(L).
 
@@ -433,3 +568,57 @@ class AutoencoderStep:
         return self.trainer.state_bytes_over_params()
 
     track_state_over_params.unit = "bytes / parameter bytes"
+
+    def peakmem_steps(self, device, mode):
+        """Peak resident memory of the process over the warm-up and three more steps (asv runs
+        each benchmark in a fresh process: compare with ``mode="sgd"``)."""
+        for _ in range(3):
+            self.trainer.step()
+
+    def track_peak_over_sgd(self, device, mode):
+        """Extra peak memory over an SGD run, MiB: a fresh process per optimizer (the trainer,
+        one warm-up and four more steps), peak RSS on the CPU, the allocator's peak on CUDA."""
+        return peak_over_sgd_mib(mode, device)
+
+    track_peak_over_sgd.unit = "MiB over SGD"
+
+
+class CNNStep:
+    """One training step of the 3-conv CNN (:func:`build_cnn`, batch 128): SGD, KFAC
+    (empirical and sampled Fisher, every step), K-BFGS and K-BFGS(L).
+
+    The same measurements as :class:`AutoencoderStep`: ``time_step``, ``track_ratio_to_sgd``
+    (seven interleaved rounds, minimum), ``peakmem_steps`` and ``track_peak_over_sgd``. The
+    learning rate, damping and momentum are the autoencoder's. Goals (watched, never
+    asserted): every ratio at most 0.85× the best peer implementing the same method, K-BFGS(L)
+    at most 0.75× ASDL's K-BFGS (docs/benchmarks.md).
+    """
+
+    param_names = ("device", "mode")
+    params = (DEVICES, CNN_MODES)
+    number = 1
+    repeat = (3, 10, 30.0)
+    warmup_time = 0
+    timeout = 600
+
+    def setup(self, device, mode):
+        self.trainer = cached(("CNNStep", device, mode), lambda: build_trainer(mode, device, "cnn"))
+
+    def time_step(self, device, mode):
+        self.trainer.step()
+
+    def track_ratio_to_sgd(self, device, mode):
+        return ratio_every_step(self.trainer, build_trainer("sgd", device, "cnn"))
+
+    track_ratio_to_sgd.unit = "ratio to SGD step"
+
+    def peakmem_steps(self, device, mode):
+        """As :meth:`AutoencoderStep.peakmem_steps`."""
+        for _ in range(3):
+            self.trainer.step()
+
+    def track_peak_over_sgd(self, device, mode):
+        """As :meth:`AutoencoderStep.track_peak_over_sgd`, on the CNN."""
+        return peak_over_sgd_mib(mode, device, "cnn")
+
+    track_peak_over_sgd.unit = "MiB over SGD"

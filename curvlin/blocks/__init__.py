@@ -7,7 +7,7 @@ through one m×m kernel use the second protocol, :class:`KernelBlock` and :func:
 """
 
 from ._schedule import Schedule
-from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous
+from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous, homogeneous_gram
 from .diagonal import DiagonalFisherBlock, DiagonalFisherState
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
@@ -33,5 +33,6 @@ __all__ = [
     "LinearKernelBlock",
     "Schedule",
     "homogeneous",
+    "homogeneous_gram",
     "kernel_solve",
 ]

@@ -36,7 +36,7 @@ from array_api_compat import device as _device
 
 from ..backends import Array, get_backend
 
-__all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous"]
+__all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous", "homogeneous_gram"]
 
 #: What a block may need from a step: the layer's input rows, its output (pre-activation)
 #: rows, per-example output-gradient rows, and a second forward/backward pass on the same batch
@@ -54,11 +54,12 @@ class LayerBatch:
         Layer inputs without the homogeneous 1: one row per example, or per example and
         spatial position for a convolution (im2col patches).
     outputs : array of shape (R, d_out), or None
-        The layer's outputs (pre-activations) on the same rows.
+        The layer's outputs (pre-activations) on the same rows (shape ``(..., d_out)``, the
+        rows spread over several leading axes, for a block with ``flat_outputs = False``).
     output_grads : array of shape (R, d_out), or None
-        Output gradients on the same rows; ``grad_scale · output_grads`` are per-example
-        gradients (``N ×`` autograd's gradient of a batch-mean loss, or sampled ones for a
-        sampled Fisher).
+        Output gradients on the same rows (the same shape as ``outputs``);
+        ``grad_scale · output_grads`` are per-example gradients (``N ×`` autograd's gradient
+        of a batch-mean loss, or sampled ones for a sampled Fisher).
     n_examples : int
         ``N``, the number of examples the ``R`` rows come from (the normaliser of a mean over
         examples; 1 for a summed loss).
@@ -116,6 +117,37 @@ def homogeneous(x: Array, /, *, bias: bool) -> Array:
     return xp.concat([x, xp.ones((x.shape[0], 1), dtype=x.dtype, device=_device(x))], axis=1)
 
 
+def homogeneous_gram(x: Array, /, *, bias: bool, scale: float = 1.0) -> Array:
+    """``scale · x̄ᵀx̄`` for ``x̄ = [x, 1]`` (``bias``) or ``x̄ = x``, without forming ``x̄``.
+
+    ``x̄ᵀx̄ = [[xᵀx, xᵀ1], [1ᵀx, R]]``: the Gram matrix of the ``R`` rows ``x``, their column
+    sums and ``R``, assembled in one (d + 1, d + 1) array. The rows are never copied, so a
+    large batch of im2col patches costs no second copy; the result equals the Gram matrix of
+    the concatenated rows up to rounding, and is exactly symmetric.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin.blocks import homogeneous, homogeneous_gram
+    >>> x = np.arange(6.0).reshape(3, 2)
+    >>> xb = homogeneous(x, bias=True)
+    >>> np.array_equal(homogeneous_gram(x, bias=True), xb.T @ xb)
+    True
+    """
+    backend = get_backend(x)
+    if not bias:
+        return backend.gram(x, scale=scale)
+    xp = backend.xp
+    d = x.shape[1]
+    out = xp.empty((d + 1, d + 1), dtype=x.dtype, device=_device(x))
+    out[:d, :d] = backend.gram(x, scale=scale)
+    col = xp.sum(x, axis=0) * scale
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = float(x.shape[0]) * scale
+    return out
+
+
 class Block:
     """One layer's curvature block: the protocol (see the module docstring).
 
@@ -156,6 +188,11 @@ class Block:
 
     #: What the block needs from a step, a subset of :data:`NEEDS`.
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``outputs`` and ``output_grads`` must be 2-D rows ``(R, d_out)``. A block that
+    #: only reduces them over rows sets False and accepts ``(..., d_out)`` arrays with several
+    #: leading axes (a convolution's ``(N, T, d_out)`` view of its ``(N, d_out, H, W)``
+    #: output), which spares the adapter a copy.
+    flat_outputs: ClassVar[bool] = True
 
     d_out: int
     d_in: int
@@ -186,6 +223,15 @@ class Block:
     def ready(self, state: BlockState, /) -> bool:
         """Whether :meth:`precondition` can be called (e.g. an inverse exists). No sync."""
         return True
+
+    def before_second_pass(self, state: BlockState, batch: LayerBatch, /, *, damping) -> BlockState:
+        """The part of the second-pass update that needs only the first pass's ``batch``.
+
+        Run after the parameter update and before the second forward/backward pass, so that
+        the adapter can free ``batch.inputs`` before that pass (it then hands
+        :meth:`second_pass` the batch with ``inputs=None``). By default nothing.
+        """
+        return state
 
     def second_pass(
         self, state: BlockState, batch: LayerBatch, batch_plus: LayerBatch, /, *, damping

@@ -11,7 +11,9 @@ per layer and asks the driver, in this order:
    fold, and refresh when due; it returns the new states without committing them;
 3. :meth:`Driver.precondition` with those states;
 4. the adapter updates the parameters; then, on statistics steps of a method with a second
-   pass, :meth:`Driver.second_pass` with the batch seen again;
+   pass, :meth:`Driver.before_second_pass` (which consumes the batches' inputs, so the
+   adapter can free them before the second forward pass) and :meth:`Driver.second_pass`
+   with the batch seen again;
 5. :meth:`Driver.check` when due, and :meth:`Driver.commit`.
 
 Nothing is written to the driver before :meth:`commit`, so an exception anywhere before it
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from ..backends import Array, get_backend
 from ._schedule import Schedule
@@ -169,15 +172,24 @@ class Driver:
         return out
 
     def fold_refresh(
-        self, stats: Mapping[str, Mapping[str, Array]] | None, /, *, damping: Mapping[str, float]
+        self,
+        stats: Mapping[str, Mapping[str, Array]] | None,
+        /,
+        *,
+        damping: Mapping[str, float],
+        consume: bool = False,
     ) -> dict[str, BlockState]:
         """Fold ``stats`` (layers not in it keep their state), then refresh when due.
 
-        ``damping`` holds every layer's damping. Nothing is committed.
+        ``damping`` holds every layer's damping. Nothing is committed. With ``consume`` (a
+        dict ``stats``), each layer's statistics are popped from ``stats`` as they are folded,
+        so their memory is freed layer by layer instead of after the last refresh.
         """
         states = dict(self.states)
-        for name, layer_stats in (stats or {}).items():
+        for name in list(stats or {}):
+            layer_stats = stats.pop(name) if consume else stats[name]
             states[name] = self.blocks[name].fold(states[name], layer_stats, damping=damping[name])
+            del layer_stats
         if self.refresh_due():
             for name, block in self.blocks.items():
                 states[name] = block.refresh(states[name], damping=damping[name])
@@ -194,6 +206,26 @@ class Driver:
             if block.ready(state):
                 out[name] = block.precondition(state, grad_w, grad_b)
         return out
+
+    def before_second_pass(
+        self,
+        states: Mapping[str, BlockState],
+        batches: Mapping[str, LayerBatch],
+        *,
+        damping: Mapping[str, float],
+    ) -> tuple[dict[str, BlockState], dict[str, LayerBatch]]:
+        """:meth:`Block.before_second_pass` of every layer with a second pass; returns the
+        states and the batches to hand :meth:`second_pass`, without their inputs (they are
+        consumed: an adapter frees them before the second forward pass). It runs whether or
+        not the second pass then sees the layer again the same way (:meth:`second_pass` skips
+        such a layer's pair update only)."""
+        states, rest = dict(states), dict(batches)
+        for name, batch in batches.items():
+            block = self.blocks[name]
+            if "second_pass" in block.needs and batch.inputs is not None:
+                states[name] = block.before_second_pass(states[name], batch, damping=damping[name])
+                rest[name] = replace(batch, inputs=None)
+        return states, rest
 
     def second_pass(
         self,

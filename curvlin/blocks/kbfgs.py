@@ -58,7 +58,7 @@ from ..quasi_newton import (
     lbfgs_init,
     lbfgs_push,
 )
-from .base import Block, BlockState, LayerBatch, homogeneous
+from .base import Block, BlockState, LayerBatch, homogeneous, homogeneous_gram
 
 __all__ = ["KBFGSBlock", "KBFGSLBlock", "KBFGSState"]
 
@@ -219,6 +219,8 @@ class KBFGSBlock(Block):
     needs: ClassVar[frozenset[str]] = frozenset(
         {"inputs", "outputs", "output_grads", "second_pass"}
     )
+    #: Outputs and their gradients are only averaged over rows: any leading axes will do.
+    flat_outputs: ClassVar[bool] = False
 
     d_out: int
     d_in: int
@@ -337,9 +339,9 @@ class KBFGSBlock(Block):
         if self.a_update == "minibatch" and state.a_updates > 0:  # a host counter
             self._check_rows(batch.inputs, "statistics")
             return {}
-        backend = get_backend(state.h_a)
-        xb = _cast(backend.xp, self.homogeneous(batch.inputs), state.h_a.dtype)
-        return {"a": backend.gram(xb, scale=1.0 / batch.n_examples)}
+        self._check_rows(batch.inputs, "statistics")
+        x = _cast(get_backend(state.h_a).xp, batch.inputs, state.h_a.dtype)
+        return {"a": homogeneous_gram(x, bias=self.bias, scale=1.0 / batch.n_examples)}
 
     def fold(self, state: KBFGSState, stats: dict[str, Array], /, *, damping) -> KBFGSState:
         """EMA of ``A`` (first batch: ``H_a ← (A + √λ I)⁻¹``); counts the batch."""
@@ -362,17 +364,29 @@ class KBFGSBlock(Block):
 
         ``batch`` holds inputs, outputs ``h`` and output gradients ``g`` at ``θ_k``;
         ``batch_plus`` the outputs ``h⁺`` and output gradients ``g⁺`` on the same rows at
-        ``θ_{k+1}`` (same ``grad_scale``).
+        ``θ_{k+1}`` (same ``grad_scale``). With ``batch.inputs`` None the ``H_a`` update is
+        left out: :meth:`before_second_pass` has done it (it needs only ``batch``, and the two
+        updates are independent, so the order does not change the result).
         """
         s, y = self.pair(
             batch.outputs, batch_plus.outputs, batch.output_grads, batch_plus.output_grads
         )
         xp = get_backend(s).xp
         scale = batch.grad_scale
-        g_mean = xp.mean(batch.output_grads, axis=0)
+        g_mean = xp.mean(batch.output_grads, axis=_leading(batch.output_grads))
         if scale != 1.0:  # per-example scale on the means, not on every row
             y, g_mean = y * scale, g_mean * scale
         state = self.update_g(state, s, y, g_mean, damping=damping)
+        if batch.inputs is None:
+            return state
+        return self.update_h_a(state, batch.inputs, n_examples=batch.n_examples, damping=damping)
+
+    def before_second_pass(self, state: KBFGSState, batch: LayerBatch, /, *, damping) -> KBFGSState:
+        """Step 7, the ``H_a`` update (:meth:`update_h_a`), from the first pass's inputs.
+
+        The adapter runs it before the second pass and then frees the input rows (for a
+        convolution, im2col patches several times the size of the layer input).
+        """
         return self.update_h_a(state, batch.inputs, n_examples=batch.n_examples, damping=damping)
 
     def check(
@@ -499,8 +513,8 @@ class KBFGSBlock(Block):
             if self.a_update == "ema":
                 a = state.a
             else:
-                xb = _cast(xp, self.homogeneous(x), state.h_a.dtype)
-                a = backend.gram(xb, scale=1.0 / n)
+                xc = _cast(xp, x, state.h_a.dtype)
+                a = homogeneous_gram(xc, bias=self.bias, scale=1.0 / n)
             state = replace(state, h_a=spd_inverse(a, damping=lam_a))
             rebuilt.append("h_a")
         if dense_g and not ok[1]:
@@ -516,7 +530,9 @@ class KBFGSBlock(Block):
         Parameters
         ----------
         h, h_plus : arrays, shape (R, d_out)
-            Pre-activation rows at ``θ_k`` and at ``θ_{k+1}`` on the same batch.
+            Pre-activation rows at ``θ_k`` and at ``θ_{k+1}`` on the same batch; the rows may
+            spread over several leading axes, shape ``(..., d_out)`` (a convolution's
+            ``(N, T, d_out)``), all four arrays alike.
         g, g_plus : arrays, shape (R, d_out)
             Per-example pre-activation gradient rows at the same two points.
 
@@ -528,13 +544,14 @@ class KBFGSBlock(Block):
         namespace_of(("h", h), ("h_plus", h_plus), ("g", g), ("g_plus", g_plus), func=func)
         shape = tuple(h.shape)
         for name, a in (("h", h), ("h_plus", h_plus), ("g", g), ("g_plus", g_plus)):
-            if a.ndim != 2 or a.shape[1] != self.d_out or tuple(a.shape) != shape:
+            if a.ndim < 2 or a.shape[-1] != self.d_out or tuple(a.shape) != shape:
                 raise ValueError(
                     f"{func}: {name} must have shape (R, {self.d_out}) like h {shape}, "
                     f"got {tuple(a.shape)}"
                 )
         xp = get_backend(h).xp
-        return xp.mean(h - h_plus, axis=0), xp.mean(g - g_plus, axis=0)
+        axes = _leading(h)
+        return xp.mean(h - h_plus, axis=axes), xp.mean(g - g_plus, axis=axes)
 
     def update_g(self, state: KBFGSState, s: Array, y: Array, g_mean: Array, /, *, damping):
         """Step 6: EMA of the pair, double damping of a copy, BFGS or L-BFGS update of ``H_g``.
@@ -627,6 +644,11 @@ class KBFGSLBlock(KBFGSBlock):
 
     memory: int | None = 100
     a_update: str = "minibatch"
+
+
+def _leading(a: Array):
+    """The row axes of ``(..., d)``: 0 for rows, all but the last for more leading axes."""
+    return 0 if a.ndim == 2 else tuple(range(a.ndim - 1))
 
 
 def _sqrt_damping(damping, owner: str) -> float:

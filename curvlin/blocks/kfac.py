@@ -33,7 +33,7 @@ from array_api_compat import device as _device
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..kron import KronFactorization, _apply, kron_factorize
-from .base import Block, BlockState, LayerBatch, homogeneous
+from .base import Block, BlockState, LayerBatch, homogeneous_gram
 
 __all__ = ["KFACBlock", "KFACState"]
 
@@ -183,10 +183,9 @@ class KFACBlock(Block):
         n = _positive_int(batch.n_examples, "n_examples", "KFACBlock.statistics")
         xp = backend.xp
         dtype = state.g.dtype
-        a = homogeneous(_cast(xp, a, dtype), bias=self.bias)
         return {
             "g": backend.gram(_cast(xp, g, dtype), scale=batch.grad_scale**2 / n),
-            "a": backend.gram(a, scale=1.0 / a.shape[0]),
+            "a": homogeneous_gram(_cast(xp, a, dtype), bias=self.bias, scale=1.0 / a.shape[0]),
         }
 
     def fold(self, state: KFACState, stats: dict[str, Array], /, *, damping=None) -> KFACState:

@@ -30,6 +30,26 @@ class Record:
         self.grad: torch.Tensor | None = None
 
 
+class _Root(torch.autograd.Function):
+    """A copy of ``x`` that is a root of the backward graph with every parameter frozen.
+
+    ``anchor`` is a 0-d leaf that requires grad, so the copy requires grad and the backward
+    reaches it; its gradient hook captures the output gradient and the backward stops here
+    (nothing is computed for ``x`` or ``anchor``). The copy is not a leaf, so in-place
+    operations after the layer stay legal, and nothing is saved for the backward: the
+    original output is freed at once (a clone of a leaf would keep both, and autograd would
+    store a third copy as the leaf's ``.grad``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
 #: What ``unsupported=`` accepts besides a torch optimizer factory.
 UNSUPPORTED = ("error", "sgd", "adam")
 
@@ -118,6 +138,11 @@ class LayerCapture:
         #: input constant) a root of the backward graph, so that output gradients are captured
         #: with every parameter frozen: a backward without any weight-gradient GEMM.
         self.root_outputs = False
+        #: Names of the layers whose outputs the blocks read (None: every layer). The others'
+        #: outputs are dropped once their gradient is in (or, for the empirical Fisher, not
+        #: kept at all: the gradient hook lives on the tensor), so no pre-activation outlives
+        #: the backward pass that needs it.
+        self.keep_outputs: set[str] | None = None
         self.records: dict[str, list[Record]] = {}
         #: Examples seen by the root module while recording (0 if it could not tell).
         self.examples = 0
@@ -158,9 +183,10 @@ class LayerCapture:
                 return
             record = self.records[name][-1]
             replaced = self.root_outputs and not output.requires_grad
-            if replaced:  # a clone, not the leaf itself: in-place operations after it stay legal
-                output = output.detach().requires_grad_().clone()
-            record.output = output
+            if replaced:
+                output = _Root.apply(output, self._anchor(output))
+            if self.keep_outputs is None or name in self.keep_outputs or not self.capture_grads:
+                record.output = output  # the sampled Fisher's backward needs every output
             if self.capture_grads and output.requires_grad:
                 # A weak reference: the hook lives on the output, which the record holds, and
                 # the garbage collector cannot see references held by a tensor's hooks, so a
@@ -176,6 +202,10 @@ class LayerCapture:
             return output if replaced else None
 
         return hook
+
+    @staticmethod
+    def _anchor(like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=like.dtype, device=like.device).requires_grad_()
 
     def clear(self) -> None:
         """Forget everything recorded (call after the statistics are consumed)."""

@@ -134,6 +134,8 @@ class Curvature:
         self.needs = self.driver.needs
         self.capture = LayerCapture(self.layers, root=model)
         self.capture.capture_grads = fisher == "empirical"
+        self.capture.keep_outputs = {n for n, b in blocks.items() if "outputs" in b.needs}
+        self.input_probes: list[torch.Tensor] = []
         #: Layers captured at least once (or restored from a checkpoint).
         self.seen: set[str] = set()
         #: True while the closure runs only for the loss (adaptive damping's evaluation).
@@ -150,6 +152,7 @@ class Curvature:
     def arm(self) -> None:
         """Forget what was recorded; record the next passes only if the next step needs them."""
         self.capture.clear()
+        self.input_probes = []
         self.capture.root_outputs = False
         self.capture.active = self.driver.stats_due()
 
@@ -183,22 +186,34 @@ class Curvature:
             retain_graph=True,
             allow_unused=True,
         )
+        keep = self.capture.keep_outputs
+        for name, recorded in self.capture.records.items():
+            for record in recorded:
+                if keep is not None and name not in keep:
+                    record.output = None  # consumed: free the pre-activation now
         for record, grad in zip(records, grads):
             record.grad = grad  # None for a forward pass that did not lead to ``output``
 
-    def first_batches(self) -> dict[str, LayerBatch] | None:
+    def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks
-        are removed: the last curvature then stays in use)."""
+        are removed: the last curvature then stays in use); ``lazy`` as in :meth:`collect`."""
         if not self.driver.stats_due() or self.capture.removed:
             return None
-        return self.collect()
+        return self.collect(lazy=lazy)
 
-    def collect(self, *, plus: bool = False) -> dict[str, LayerBatch]:
+    def collect(self, *, plus: bool = False, lazy: bool = False) -> Mapping[str, LayerBatch]:
         """This step's rows per recorded layer, as the blocks need them; clears the capture.
 
+        With ``lazy`` the rows of a layer are built each time its batch is looked up, and
+        dropped with it: for batches read once (the statistics of a method without a second
+        pass), only one layer's rows (a convolution's patches) are alive at a time.
         Raises if a statistics step recorded no layer with its output gradient.
         """
-        batches = {}
+        plan = {}
+        # The layer inputs as captured, for the finiteness check of a step whose batches
+        # outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
+        # input is the cheaper probe (and the stricter: it also sees entries no patch reads).
+        self.input_probes = []
         sampled = self.fisher == "mc" and not plus
         examples = self.capture.examples
         for name, recorded in self.capture.records.items():
@@ -207,23 +222,38 @@ class Curvature:
             records = [r for r in recorded if r.grad is not None]
             if not records:
                 continue
-            handler, needs = self.layers[name], self.driver.blocks[name].needs
+            plan[name] = records
+            if "inputs" in self.driver.blocks[name].needs and not plus and not lazy:
+                self.input_probes += [r.input for r in records]
+
+        def build(name: str) -> LayerBatch:
+            records = plan[name]
+            handler, block = self.layers[name], self.driver.blocks[name]
+            needs = block.needs
             n = examples or sum(handler.n_examples(r.input) for r in records)
             mean = self.loss_reduction != "sum"
-            batches[name] = LayerBatch(
+            # Blocks that only average outputs over rows get them without a copy where the
+            # layout allows; several calls of one layer are concatenated as rows.
+            rows = (
+                handler.output_view
+                if not block.flat_outputs and len(records) == 1
+                else handler.output_rows
+            )
+            return LayerBatch(
                 inputs=_cat([handler.input_rows(r.input) for r in records])
                 if "inputs" in needs and not plus
                 else None,
-                outputs=_cat([handler.output_rows(r.output.detach()) for r in records])
+                outputs=_cat([rows(r.output.detach()) for r in records])
                 if "outputs" in needs
                 else None,
-                output_grads=_cat([handler.output_rows(r.grad) for r in records]),
+                output_grads=_cat([rows(r.grad) for r in records]),
                 n_examples=n if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
             )
+
         self.capture.clear()
-        if not batches:
+        if not plan:
             how = "opt.backward_fisher(output)" if self.fisher == "mc" and not plus else "backward"
             raise RuntimeError(
                 f"{self.owner}: no layer was captured with its output gradient on a statistics "
@@ -231,7 +261,9 @@ class Curvature:
                 f"enabled, then {how}, before step()"
                 + (" (in the closure's second call)" if plus else "")
             )
-        return batches
+        if lazy:
+            return _LazyBatches(plan, build)
+        return {name: build(name) for name in plan}
 
     def run_closure(self, closure, *, second: bool = False, evaluate: bool = False):
         """Call ``closure`` with gradients on; for the second pass, freeze every parameter and
@@ -527,7 +559,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _step(self, loss, closure):
         curv, driver = self._curv, self._curv.driver
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        batches = curv.first_batches()
+        batches = curv.first_batches(lazy=not _batches_needed_later(curv, driver))
         grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
         curv.check_seen(grads, batches)
         stats = driver.statistics(batches) if batches else None
@@ -535,12 +567,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         probes = [t for pair in grads.values() for t in pair if t is not None]
         probes += [p.grad for p in others] + driver.probes(stats)
         if "second_pass" in curv.needs and batches:
-            probes += [a for b in batches.values() for a in b.arrays()]
+            probes += _batch_probes(curv, batches)
         if not driver.all_finite(probes):
             driver.skip()
             return loss
+        del probes  # diagonals are views: they would keep every statistic alive
+        curv.input_probes = []
+        if batches and not _batches_needed_later(curv, driver):
+            batches = None  # the rows are consumed: free them before the refresh
         damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
-        states = driver.fold_refresh(stats, damping=damping)
+        states = driver.fold_refresh(stats, damping=damping, consume=True)
+        del stats  # folded into the states
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
         directions = driver.precondition(states, grads if buffers is None else buffers)
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
@@ -548,15 +585,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # -- from here on, state changes -------------------------------------------------
         for p, direction, new_buffer in updates:
             self._apply(p, direction, group_of[id(p)], new_buffer)
+        # The directions and the gradient views are spent: free them before a second pass
+        # (the closure's zero_grad can only free ``.grad`` if nothing else holds it).
+        updates = directions = buffers = grads = p = direction = new_buffer = None
         self._fallback_step(others, group_of)
         loss_plus = None
         if curv.second_pass_due and batches:
+            first = states
+            if not driver.check_due():  # a check reads the inputs after the second pass
+                # The input-side update needs only the first pass: done now, the input rows
+                # (a convolution's patches) are freed before the second forward pass.
+                states, batches = driver.before_second_pass(states, batches, damping=damping)
             try:
                 loss_plus = curv.run_closure(closure, second=True)
                 plus = curv.collect(plus=True)
                 states = driver.second_pass(states, batches, plus, damping=damping)
             except BaseException:
-                driver.commit(states)  # the step stands, without its second-pass update
+                driver.commit(first)  # the step stands, without its second-pass update
                 raise
         rebuilt = {}
         if batches and driver.check_due():
@@ -746,6 +791,36 @@ def _decayed(grad, p, wd):
     return grad + wd * p if wd else grad
 
 
+class _LazyBatches(Mapping):
+    """Layer name → :class:`LayerBatch`, each built from its records when looked up."""
+
+    def __init__(self, plan: dict, build: Callable[[str], LayerBatch]):
+        self._plan, self._build = plan, build
+
+    def __getitem__(self, name: str) -> LayerBatch:
+        if name not in self._plan:
+            raise KeyError(name)
+        return self._build(name)
+
+    def __iter__(self):
+        return iter(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+
+def _batch_probes(curv: Curvature, batches) -> list[torch.Tensor]:
+    """What the finiteness check reads of batches kept for a second pass: outputs and output
+    gradients, and the captured layer inputs in place of their rows."""
+    out = [a for b in batches.values() for a in (b.outputs, b.output_grads) if a is not None]
+    return out + curv.input_probes
+
+
+def _batches_needed_later(curv: Curvature, driver: Driver) -> bool:
+    """Whether a step reads its batches after the statistics (a second pass or a check)."""
+    return "second_pass" in curv.needs or driver.check_due()
+
+
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -848,7 +923,7 @@ class Preconditioner:
         self._pending = None
         try:
             check_hyper(curv.owner, damping=self.damping)
-            batches = curv.first_batches()
+            batches = curv.first_batches(lazy="second_pass" not in curv.needs)
             zero = {id(p): 0.0 for p in curv.all_params()}
             grads = curv.layer_grads(zero)
             curv.check_seen(grads, batches)
@@ -857,12 +932,17 @@ class Preconditioner:
             probes += driver.probes(stats)
             second = "second_pass" in curv.needs and batches
             if second:
-                probes += [a for b in batches.values() for a in b.arrays()]
+                probes += _batch_probes(curv, batches)
             if not driver.all_finite(probes):
                 driver.skip()
                 return False
+            del probes  # diagonals are views: they would keep every statistic alive
+            curv.input_probes = []
+            if not second:
+                batches = None  # the rows are consumed: free them before the refresh
             damping = dict.fromkeys(curv.layers, self.damping)
-            states = driver.fold_refresh(stats, damping=damping)
+            states = driver.fold_refresh(stats, damping=damping, consume=True)
+            del stats  # folded into the states
             directions = driver.precondition(states, grads)
             for name, (dw, db) in directions.items():
                 h = curv.layers[name]

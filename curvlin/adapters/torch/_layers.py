@@ -47,6 +47,11 @@ class LayerHandler:
         """Rows of output gradients, shape (R, d_out), matching :meth:`input_rows`."""
         raise NotImplementedError
 
+    def output_view(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs or output gradients as ``(..., d_out)`` without a copy where the layout
+        allows (for blocks with ``flat_outputs = False``); by default :meth:`output_rows`."""
+        return self.output_rows(out)
+
     def n_examples(self, x: torch.Tensor) -> int:
         """The number of examples in a batch input (its leading axis)."""
         return x.shape[0]
@@ -88,18 +93,41 @@ class Conv2dHandler(LayerHandler):
         super().__init__(module)
 
     def input_rows(self, x):
-        """Patches of ``(N, c_in, H, W)`` as rows ``(N·T, c_in·k_h·k_w)``, T output positions."""
+        """Patches of ``(N, c_in, H, W)`` as rows ``(N·T, c_in·k_h·k_w)``, T output positions.
+
+        The rows are written straight into their (N, H', W', c_in, k_h, k_w) layout, one
+        strided copy per kernel offset: the same values as ``F.unfold`` transposed, without
+        its (N, c_in·k_h·k_w, T) intermediate (a second copy of every patch) and about twice
+        as fast on a CPU.
+        """
         m = self.module
-        padding = m.padding
-        if isinstance(padding, str):  # "same"/"valid": torch stores the explicit (maybe odd) pads
-            x = F.pad(x, m._reversed_padding_repeated_twice)
-            padding = 0
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        if isinstance(m.padding, str):  # "same"/"valid": torch stores the explicit (maybe odd) pads
+            pads = m._reversed_padding_repeated_twice
+        else:
+            pads = (m.padding[1], m.padding[1], m.padding[0], m.padding[0])
+        if any(pads):
+            x = F.pad(x, pads)
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        n, c, height, width = x.shape
+        h_out = (height - dh * (kh - 1) - 1) // sh + 1
+        w_out = (width - dw * (kw - 1) - 1) // sw + 1
+        rows = x.new_empty((n, h_out, w_out, c, kh, kw))
+        for i in range(kh):
+            top = i * dh
+            for j in range(kw):
+                left = j * dw
+                shifted = x[:, :, top : top + (h_out - 1) * sh + 1 : sh,
+                            left : left + (w_out - 1) * sw + 1 : sw]  # fmt: skip
+                rows[:, :, :, :, i, j] = shifted.permute(0, 2, 3, 1)
+        return rows.view(n * h_out * w_out, c * kh * kw)
 
     def output_rows(self, grad):
         """Output gradients ``(N, c_out, H', W')`` as rows ``(N·T, c_out)``."""
         return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+
+    def output_view(self, out):
+        """Outputs ``(N, c_out, H', W')`` as a ``(N, T, c_out)`` view: rows on two axes."""
+        return out.flatten(2).transpose(1, 2)
 
 
 _HANDLERS: dict[type[nn.Module], type[LayerHandler]] = {

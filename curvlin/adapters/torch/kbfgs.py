@@ -44,7 +44,10 @@ _NOTES_DOC = """
     and their gradients ``g`` are recorded), the parameters are updated, and on statistics
     steps it is called again on the same minibatch at ``θ_{k+1}`` to record ``h⁺`` and ``g⁺``;
     then ``H_g`` is updated from ``s = mean(h − h⁺)``, ``y = mean(g − g⁺)`` and ``H_a`` by the
-    Hessian-action update. The loss must be a mean over the examples of the batch (any mean
+    Hessian-action update (which needs only the first pass: it runs between the parameter
+    update and the second call, so the input rows are freed before the second forward pass,
+    except on ``check_every`` steps, whose repair reads them). The loss must be a mean over
+    the examples of the batch (any mean
     over other axes too); per-example gradients are autograd's times the batch size. The
     second pass runs with every parameter frozen (``requires_grad=False``), so its backward
     computes output gradients only, no weight gradient; after :meth:`step`, ``.grad`` is what
