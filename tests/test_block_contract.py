@@ -11,6 +11,7 @@ explicit matrices. A new block joins by being added to :data:`BLOCKS` with its r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from curvlin.blocks import (
     KFACBlock,
     LayerBatch,
     Schedule,
+    homogeneous_gram,
 )
 
 D_OUT, D_IN, ROWS, DAMPING = 3, 4, 16, 0.2
@@ -225,3 +227,32 @@ def test_all_finite_is_one_verdict(xp, to_xp):
     assert Driver.all_finite([])
     assert not Driver.all_finite([*ok, to_xp(np.array([1.0, np.nan]))])
     assert not Driver.all_finite([*ok, to_xp(np.array([np.inf]))])
+
+
+@pytest.mark.parametrize("case", [c for c in BLOCKS if c.name.startswith("kbfgs")], ids=str)
+def test_before_second_pass_then_second_pass_equals_second_pass_alone(case, xp, to_xp, to_np):
+    """The split the engine uses to free the input rows early changes no bit of the state."""
+    block = case.make(D_OUT, D_IN, True)
+    assert "second_pass" in block.needs
+    rng = np.random.default_rng(3)
+    x, delta, _, _ = _data(rng)
+    batch = _batch(to_xp, "float64", x, delta, scale=float(ROWS), outputs=delta)
+    state = block.init(to_xp(np.zeros(1)))
+    state = block.fold(state, block.statistics(state, batch), damping=DAMPING)
+    h_plus = delta - 0.1 * rng.standard_normal(delta.shape)
+    plus = _batch(to_xp, "float64", x, delta * 0.8, scale=float(ROWS), outputs=h_plus)
+    whole = block.second_pass(state, batch, plus, damping=DAMPING)
+    early = block.before_second_pass(state, batch, damping=DAMPING)
+    split = block.second_pass(early, dataclasses.replace(batch, inputs=None), plus, damping=DAMPING)
+    for key, value in whole.arrays().items():
+        np.testing.assert_array_equal(to_np(split.arrays()[key]), to_np(value), err_msg=key)
+    assert split.counters() == whole.counters()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_homogeneous_gram_is_the_gram_of_the_concatenated_rows(bias, xp, to_xp, to_np, rng):
+    x = rng.standard_normal((ROWS, D_IN))
+    xb = _xbar(x, bias)
+    got = to_np(homogeneous_gram(to_xp(x), bias=bias, scale=0.25))
+    np.testing.assert_allclose(got, 0.25 * xb.T @ xb, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
