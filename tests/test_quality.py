@@ -86,6 +86,7 @@ def adam_best(digits):
         ("K-BFGS", lambda m: KBFGS(m, lr=0.1, damping=0.1), 2.18),
         ("K-BFGS(L)", lambda m: KBFGSL(m, lr=0.3, damping=0.1), 1.25),
     ],
+    ids=["KFAC", "K-BFGS", "K-BFGS(L)"],
 )
 def test_second_order_beats_tuned_adam_on_digits(digits, adam_best, name, make, measured):
     loss = _run(digits, make)
