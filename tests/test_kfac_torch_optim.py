@@ -7,11 +7,11 @@ argument validation.
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import pytest
 import torch
+from _methods import assert_same, roundtrip
 from _torch_models import cnn, layer_grad_vec, mlp, one_thread
 from torch import nn
 from torch.nn import functional as F
@@ -57,33 +57,6 @@ def _step(model, opt, batch, *, mc: bool, sgd=None):
     return result
 
 
-def _roundtrip(obj):
-    """``torch.save`` then ``torch.load(weights_only=True)``: a deep copy through bytes."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def _assert_same(a, b, path="state"):
-    """Bit-identical nested containers of tensors and plain values."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b), path
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), path
-        assert set(a) == set(b), (path, set(a) ^ set(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_same(u, v, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
-
-
 def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -117,7 +90,7 @@ def test_preconditioner_checkpoint_round_trip_is_bit_exact(fisher):
     model, precond, sgd = make(0, 7)
     for batch in batches[:4]:
         _step(model, precond, batch, mc=mc, sgd=sgd)
-    saved = _roundtrip(
+    saved = roundtrip(
         {"p": precond.state_dict(), "sgd": sgd.state_dict(), "model": model.state_dict()}
     )
     for batch in batches[4:]:
@@ -159,7 +132,7 @@ def test_nonfinite_step_is_skipped_with_state_intact(how, fisher):
     for batch in batches[:3]:
         step(model, opt, batch)
         step(twin, opt_twin, batch)
-    before_params, before_state = _params(model), _roundtrip(opt.state_dict())
+    before_params, before_state = _params(model), roundtrip(opt.state_dict())
 
     x, y = batches[3]
     if how == "nan-input":
@@ -183,7 +156,7 @@ def test_nonfinite_step_is_skipped_with_state_intact(how, fisher):
     if mc:  # the sampler drew labels for the skipped batch; nothing else may differ
         after["curvlin"].pop("generator")
         before_state["curvlin"].pop("generator")
-    _assert_same(before_state, after)
+    assert_same(before_state, after)
 
     # the next finite step proceeds as if the bad one had never happened
     step(model, opt, batches[4])
@@ -230,7 +203,7 @@ def test_preconditioner_nonfinite_step_leaves_grads_and_state():
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         assert precond.step() is True
-    state = _roundtrip(precond.state_dict())
+    state = roundtrip(precond.state_dict())
     model.zero_grad()
     x, y = batches[2]
     F.cross_entropy(model(x), y).backward()
@@ -243,7 +216,7 @@ def test_preconditioner_nonfinite_step_leaves_grads_and_state():
     after = precond.state_dict()
     assert after["curvlin"]["driver"].pop("skipped") == 1
     state["curvlin"]["driver"].pop("skipped")
-    _assert_same(state, after)
+    assert_same(state, after)
 
 
 # -- 7: unsupported and frozen parameters ------------------------------------------------------

@@ -331,6 +331,30 @@ class Curvature:
                     "unsupported='sgd'/'adam'"
                 )
 
+    def first_pass(self, grads, probes, *, damping):
+        """A step up to the parameter update: statistics, the finiteness verdict on them, the
+        gradients and ``probes``, then fold and refresh. Returns the new states (not
+        committed) and the batches a second pass or a check will read, or None when the step
+        is skipped (nothing changed but the skip counter)."""
+        driver = self.driver
+        keep = "second_pass" in self.needs or driver.check_due()
+        batches = self.first_batches(lazy=not keep)
+        self.check_seen(grads, batches)
+        stats = driver.statistics(batches) if batches else None
+        probes = [t for pair in grads.values() for t in pair if t is not None] + list(probes)
+        probes += driver.probes(stats)
+        if "second_pass" in self.needs and batches:
+            probes += _batch_probes(self, batches)
+        if not driver.all_finite(probes):
+            driver.skip()
+            return None
+        del probes  # diagonals are views: they would keep every statistic alive
+        self.input_probes = []
+        if batches and not keep:
+            batches = None  # the rows are consumed: free them before the refresh
+        states = driver.fold_refresh(stats, damping=damping, consume=True)
+        return states, batches
+
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -559,25 +583,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _step(self, loss, closure):
         curv, driver = self._curv, self._curv.driver
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        batches = curv.first_batches(lazy=not _batches_needed_later(curv, driver))
         grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
-        curv.check_seen(grads, batches)
-        stats = driver.statistics(batches) if batches else None
         others = [p for p in curv.other_params if p.grad is not None]
-        probes = [t for pair in grads.values() for t in pair if t is not None]
-        probes += [p.grad for p in others] + driver.probes(stats)
-        if "second_pass" in curv.needs and batches:
-            probes += _batch_probes(curv, batches)
-        if not driver.all_finite(probes):
-            driver.skip()
-            return loss
-        del probes  # diagonals are views: they would keep every statistic alive
-        curv.input_probes = []
-        if batches and not _batches_needed_later(curv, driver):
-            batches = None  # the rows are consumed: free them before the refresh
         damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
-        states = driver.fold_refresh(stats, damping=damping, consume=True)
-        del stats  # folded into the states
+        first = curv.first_pass(grads, [p.grad for p in others], damping=damping)
+        if first is None:
+            return loss  # skipped: nothing changed
+        states, batches = first
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
         directions = driver.precondition(states, grads if buffers is None else buffers)
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
@@ -591,7 +603,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._fallback_step(others, group_of)
         loss_plus = None
         if curv.second_pass_due and batches:
-            first = states
+            first = states  # what the step commits if the second pass raises
             if not driver.check_due():  # a check reads the inputs after the second pass
                 # The input-side update needs only the first pass: done now, the input rows
                 # (a convolution's patches) are freed before the second forward pass.
@@ -816,11 +828,6 @@ def _batch_probes(curv: Curvature, batches) -> list[torch.Tensor]:
     return out + curv.input_probes
 
 
-def _batches_needed_later(curv: Curvature, driver: Driver) -> bool:
-    """Whether a step reads its batches after the statistics (a second pass or a check)."""
-    return "second_pass" in curv.needs or driver.check_due()
-
-
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -923,26 +930,13 @@ class Preconditioner:
         self._pending = None
         try:
             check_hyper(curv.owner, damping=self.damping)
-            batches = curv.first_batches(lazy="second_pass" not in curv.needs)
-            zero = {id(p): 0.0 for p in curv.all_params()}
-            grads = curv.layer_grads(zero)
-            curv.check_seen(grads, batches)
-            stats = driver.statistics(batches) if batches else None
-            probes = [t for pair in grads.values() for t in pair if t is not None]
-            probes += driver.probes(stats)
-            second = "second_pass" in curv.needs and batches
-            if second:
-                probes += _batch_probes(curv, batches)
-            if not driver.all_finite(probes):
-                driver.skip()
-                return False
-            del probes  # diagonals are views: they would keep every statistic alive
-            curv.input_probes = []
-            if not second:
-                batches = None  # the rows are consumed: free them before the refresh
+            grads = curv.layer_grads({id(p): 0.0 for p in curv.all_params()})
             damping = dict.fromkeys(curv.layers, self.damping)
-            states = driver.fold_refresh(stats, damping=damping, consume=True)
-            del stats  # folded into the states
+            first = curv.first_pass(grads, [], damping=damping)
+            if first is None:
+                return False  # skipped: gradients and curvature untouched
+            states, batches = first
+            second = "second_pass" in curv.needs and batches
             directions = driver.precondition(states, grads)
             for name, (dw, db) in directions.items():
                 h = curv.layers[name]
