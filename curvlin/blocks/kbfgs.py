@@ -155,6 +155,11 @@ class KBFGSBlock(Block):
     5. every so many iterations, :meth:`repair` (rebuild a factor that rounding has made
        indefinite; one host synchronisation).
 
+    On the :class:`~curvlin.blocks.Block` protocol that the driver runs, step 1 is
+    :meth:`statistics` + :meth:`fold`, step 4 :meth:`before_second_pass`, steps 3 (and 4
+    when the rows are kept for a check) :meth:`second_pass`, step 5 :meth:`check`; the
+    methods above remain the building blocks, each usable on its own.
+
     Parameters
     ----------
     d_out, d_in : int
