@@ -483,7 +483,7 @@ class KBFGSBlock(Block):
         Notes
         -----
         One host synchronisation (to read the two test results), so call it every so many
-        steps, not on every step: the optimizers do it every ``pd_check_every`` curvature steps.
+        steps, not on every step: the optimizers do it every ``check_every`` statistics steps.
 
         Examples
         --------
