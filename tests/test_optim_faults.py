@@ -218,15 +218,20 @@ def test_wrong_protocol_is_a_clear_error(method):
     model = mlp()
     opt = method.make(model)
     x, t = batches(SHAPE, 1)[0]
-    if method.sampled:
-        return  # covered by test_sampled_fisher_without_backward_fisher_raises_and_forgets
     if "second_pass" in opt._curv.needs:
         opt.zero_grad()
         F.mse_loss(model(x), t).backward()
         with pytest.raises(RuntimeError, match="needs a closure"):
             opt.step()
-    with pytest.raises(RuntimeError, match="backward_fisher"):
-        opt.backward_fisher(model(x))
+    if method.sampled:  # the sampled Fisher's step without its extra backward
+        opt.zero_grad()
+        F.mse_loss(model(x), t).backward()
+        with pytest.raises(RuntimeError, match="backward_fisher"):
+            opt.step()
+    else:  # and the extra backward where there is no sampled Fisher
+        with pytest.raises(RuntimeError, match="backward_fisher"):
+            opt.backward_fisher(model(x))
+    assert opt.step_count == 0
 
 
 def test_eval_mode_raises_on_a_statistics_step(method):
