@@ -10,7 +10,8 @@ what a step must capture for it, and offers a fixed life cycle that the
    of arrays that are means over examples (so ranks can average them) and :meth:`Block.fold`
    folds them into the state (an EMA, a warm start);
 3. on refresh steps, :meth:`Block.refresh` does the amortised, expensive part (inverses,
-   roots, eigenbases);
+   roots, eigenbases); when every step refreshes, :meth:`Block.release` drops it again at the
+   commit, so that it is scratch memory of the step rather than state;
 4. on every step, :meth:`Block.precondition` turns a gradient into a direction;
 5. methods that need it (``"second_pass" in needs``) get the same batch again after the
    parameter update, in :meth:`Block.second_pass`;
@@ -220,6 +221,13 @@ class Block:
         """The amortised part: recompute inverses, roots or eigenbases from the state."""
         return state
 
+    def release(self, state: BlockState, /) -> BlockState:
+        """The state without what :meth:`refresh` alone rebuilds from the rest (inverses,
+        roots): with ``refresh_every = 1`` every step refreshes before it preconditions, so
+        the driver drops these between steps and a step never holds two sets of them. By
+        default the state itself."""
+        return state
+
     def ready(self, state: BlockState, /) -> bool:
         """Whether :meth:`precondition` can be called (e.g. an inverse exists). No sync."""
         return True
@@ -258,7 +266,8 @@ class Block:
         """The direction for ``∇W̄ = [grad_w, grad_b]``, split back into ``(dW, db)``.
 
         ``grad_w`` has shape (d_out, d_in); ``grad_b`` shape (d_out,) exactly when the layer
-        has a bias. The result has ``grad_w``'s dtype; ``db`` is None without a bias.
+        has a bias. The result has ``grad_w``'s dtype; ``db`` is None without a bias. Both are
+        views of one new array, which the caller may overwrite.
         """
         func = f"{type(self).__name__}.precondition"
         if tuple(grad_w.shape) != (self.d_out, self.d_in):
@@ -285,7 +294,11 @@ class Block:
         return direction, None
 
     def _precondition(self, state: BlockState, grad: Array, /) -> Array:
-        """The mathematics: the direction for the ``(d_out, d_a)`` matrix ``grad``."""
+        """The mathematics: the direction for the ``(d_out, d_a)`` matrix ``grad``.
+
+        It must return a new array, never ``grad`` or a view of it: an adapter scales the
+        direction in place (the KL clip).
+        """
         raise NotImplementedError
 
     def work_dtype(self, state: BlockState, /):

@@ -178,14 +178,20 @@ class Driver:
         *,
         damping: Mapping[str, float],
         consume: bool = False,
+        install: bool = False,
     ) -> dict[str, BlockState]:
         """Fold ``stats`` (layers not in it keep their state), then refresh when due.
 
-        ``damping`` holds every layer's damping. Nothing is committed. With ``consume`` (a
-        dict ``stats``), each layer's statistics are popped from ``stats`` as they are folded,
-        so their memory is freed layer by layer instead of after the last refresh.
+        ``damping`` holds every layer's damping. With ``consume`` (a dict ``stats``), each
+        layer's statistics are popped from ``stats`` as they are folded, so their memory is
+        freed layer by layer instead of after the last refresh. Without ``install`` nothing
+        is committed (the step's states are returned next to the current ones). With it,
+        each new state replaces the current one as soon as it is made, so that the old
+        factors and inverses are freed layer by layer and the step never holds two copies
+        of the curvature: for an adapter that has passed the finiteness verdict and will
+        commit whatever happens next (:meth:`commit` still counts the step).
         """
-        states = dict(self.states)
+        states = self.states if install else dict(self.states)
         for name in list(stats or {}):
             layer_stats = stats.pop(name) if consume else stats[name]
             states[name] = self.blocks[name].fold(states[name], layer_stats, damping=damping[name])
@@ -264,9 +270,27 @@ class Driver:
         return states, rebuilt
 
     def commit(self, states: Mapping[str, BlockState], *, repaired: int = 0) -> None:
-        """Make ``states`` the current ones and count the step."""
+        """Make ``states`` the current ones and count the step.
+
+        With ``refresh_every = 1`` the next step refreshes before it preconditions, so what
+        :meth:`Block.release` names (the inverses) is dropped here: between steps the state
+        is the statistics alone, and the next step's statistics never sit next to two sets
+        of inverses. :meth:`current` rebuilds them for a look between steps.
+        """
         self.update(states, repaired=repaired)
+        if self.schedule.refresh_every == 1:
+            for name, block in self.blocks.items():
+                self.states[name] = block.release(self.states[name])
         self.step += 1
+
+    def current(self, name: str, /, *, damping) -> BlockState:
+        """Layer ``name``'s state with its refresh in place: as stored, or, where
+        :meth:`commit` released it, refreshed again with ``damping`` (the inverse the last
+        step used, if its damping has not changed since). Nothing is stored."""
+        block, state = self.blocks[name], self.states[name]
+        if self.schedule.refresh_every == 1 and not block.ready(state):
+            state = block.refresh(state, damping=damping)
+        return state
 
     def update(self, states: Mapping[str, BlockState], *, repaired: int = 0) -> None:
         """Replace states without counting a step (a second pass after the step's commit)."""

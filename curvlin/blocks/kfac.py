@@ -214,6 +214,10 @@ class KFACBlock(Block):
         inverse = kron_factorize([state.g, state.a], damping=damping, exact=self.exact)
         return replace(state, inverse=inverse)
 
+    def release(self, state: KFACState, /) -> KFACState:
+        """The factors without the inverse (rebuilt by the next :meth:`refresh`)."""
+        return replace(state, inverse=None)
+
     def ready(self, state: KFACState, /) -> bool:
         """Whether an inverse exists (after the first :meth:`refresh` with statistics)."""
         return state.inverse is not None

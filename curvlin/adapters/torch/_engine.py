@@ -204,9 +204,11 @@ class Curvature:
     def collect(self, *, plus: bool = False, lazy: bool = False) -> Mapping[str, LayerBatch]:
         """This step's rows per recorded layer, as the blocks need them; clears the capture.
 
-        With ``lazy`` the rows of a layer are built each time its batch is looked up, and
-        dropped with it: for batches read once (the statistics of a method without a second
-        pass), only one layer's rows (a convolution's patches) are alive at a time.
+        With ``lazy`` the rows of a layer are built when its batch is looked up, once: the
+        lookup drops the layer's records, so for batches read once (the statistics of a
+        method without a second pass) the rows and the captured inputs and gradients are
+        freed layer by layer, and only one layer's rows (a convolution's patches) are built
+        at a time.
         Raises if a statistics step recorded no layer with its output gradient.
         """
         plan = {}
@@ -350,9 +352,11 @@ class Curvature:
             return None
         del probes  # diagonals are views: they would keep every statistic alive
         self.input_probes = []
-        if batches and not keep:
+        if not keep:
             batches = None  # the rows are consumed: free them before the refresh
-        states = driver.fold_refresh(stats, damping=damping, consume=True)
+        # Past the verdict the step commits whatever follows (a failing second pass commits
+        # the first pass): install each layer's new state as it is made, freeing the old.
+        states = driver.fold_refresh(stats, damping=damping, consume=True, install=True)
         return states, batches
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -511,10 +515,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return list(self._curv.layers)
 
     def curvature(self, layer: str):
-        """A copy of one layer's curvature state."""
-        state = self._curv.driver.states[self._layer(layer)]
-        arrays = {k: v.detach().clone() for k, v in state.arrays().items()}
-        return type(state).from_arrays(arrays, state.counters())
+        """A copy of one layer's curvature state (with ``refresh_every=1`` its inverse is
+        rebuilt from the factors and the group's damping: steps do not keep it)."""
+        name = self._layer(layer)
+        weight = self._curv.layers[name].weight
+        group = next(g for g in self.param_groups if any(p is weight for p in g["params"]))
+        return _copy(self._curv.driver.current(name, damping=group["damping"]))
 
     @property
     def skipped_steps(self) -> int:
@@ -641,7 +647,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 group["damping"] = lm_adapt(group["damping"], self.last_ratio, factor=factor)
 
     def _buffers(self, grads, group_of):
-        """``M' = μ M + g`` per layer, out of place (written when the step is taken)."""
+        """``M ← μ M + g`` per layer (in place, see :meth:`_momentum`)."""
         out = {}
         for name, pair in grads.items():
             h = self._curv.layers[name]
@@ -653,11 +659,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return out
 
     def _momentum(self, p, g, mu):
-        """``μ M + g``, a new tensor (``g`` itself may be ``p.grad``); ``g`` itself for μ = 0."""
+        """``M ← μ M + g`` in place (a step past the finiteness verdict always commits), or a
+        copy of ``g`` on the first step (``g`` itself may be ``p.grad``); ``g`` for μ = 0."""
         if not mu:
             return g
         buf = self.state[p].get("momentum_buffer")
-        return g.clone() if buf is None else torch.add(g, buf, alpha=mu)
+        return g.clone() if buf is None else buf.mul_(mu).add_(g)
 
     def _updates(self, directions, grads, buffers, *, model=False):
         """``(param, Δ, new momentum buffer or None)`` per parameter to update, kl-clipped,
@@ -681,7 +688,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             lr = self.param_groups[0]["lr"]
             quad = torch.stack(g_dot_d).sum().abs() * lr**2
             nu = torch.clamp(torch.sqrt(self.kl_clip / quad.clamp_min(1e-30)), max=1.0)
-            out = [(p, d * nu.to(d.dtype), b) for p, d, b in out]
+            for _, d, _ in out:  # directions are new arrays (Block.precondition)
+                d.mul_(nu.to(d.dtype))
         if not model or not g_dot_d:
             return out, None
         return out, (torch.stack(g_dot_d).sum(), torch.stack(d_dot_m).sum(), nu)
@@ -795,6 +803,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{what} buffer {name!r} holds NaN or inf")
 
 
+def _copy(state):
+    arrays = {k: v.detach().clone() for k, v in state.arrays().items()}
+    return type(state).from_arrays(arrays, state.counters())
+
+
 def _adam(params):
     return torch.optim.Adam(params, lr=1e-3)
 
@@ -804,7 +817,8 @@ def _decayed(grad, p, wd):
 
 
 class _LazyBatches(Mapping):
-    """Layer name → :class:`LayerBatch`, each built from its records when looked up."""
+    """Layer name → :class:`LayerBatch`, each built from its records when looked up, once:
+    the lookup drops the records, so a layer's inputs and gradients are freed with its batch."""
 
     def __init__(self, plan: dict, build: Callable[[str], LayerBatch]):
         self._plan, self._build = plan, build
@@ -812,10 +826,12 @@ class _LazyBatches(Mapping):
     def __getitem__(self, name: str) -> LayerBatch:
         if name not in self._plan:
             raise KeyError(name)
-        return self._build(name)
+        batch = self._build(name)
+        del self._plan[name]  # read once: the records (inputs, gradients) go with the batch
+        return batch
 
     def __iter__(self):
-        return iter(self._plan)
+        return iter(list(self._plan))
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -911,9 +927,7 @@ class Preconditioner:
         """A copy of one layer's curvature state."""
         if layer not in self._curv.layers:
             raise KeyError(f"{layer!r} is not a layer handled here; known: {self.layer_names}")
-        state = self._curv.driver.states[layer]
-        arrays = {k: v.detach().clone() for k, v in state.arrays().items()}
-        return type(state).from_arrays(arrays, state.counters())
+        return _copy(self._curv.driver.current(layer, damping=self.damping))
 
     def backward_fisher(self, output: torch.Tensor) -> None:
         """As :meth:`CurvatureOptimizer.backward_fisher`."""
