@@ -55,8 +55,8 @@ class LayerBatch:
         Layer inputs without the homogeneous 1: one row per example, or per example and
         spatial position for a convolution (im2col patches).
     outputs : array of shape (R, d_out), or None
-        The layer's outputs (pre-activations) on the same rows (shape ``(..., d_out)``, the
-        rows spread over several leading axes, for a block with ``flat_outputs = False``).
+        The layer's outputs (pre-activations) on the same rows (for a block with
+        ``row_means``, possibly their float64 mean over the rows, shape ``(1, d_out)``).
     output_grads : array of shape (R, d_out), or None
         Output gradients on the same rows (the same shape as ``outputs``);
         ``grad_scale · output_grads`` are per-example gradients (``N ×`` autograd's gradient
@@ -189,11 +189,11 @@ class Block:
 
     #: What the block needs from a step, a subset of :data:`NEEDS`.
     needs: ClassVar[frozenset[str]] = frozenset()
-    #: Whether ``outputs`` and ``output_grads`` must be 2-D rows ``(R, d_out)``. A block that
-    #: only reduces them over rows sets False and accepts ``(..., d_out)`` arrays with several
-    #: leading axes (a convolution's ``(N, T, d_out)`` view of its ``(N, d_out, H, W)``
-    #: output), which spares the adapter a copy.
-    flat_outputs: ClassVar[bool] = True
+    #: Whether the block reads ``outputs`` and ``output_grads`` only through their means over
+    #: rows (K-BFGS's pairs). Then an adapter may reduce them as they are captured and hand
+    #: one row, the float64 mean, of shape ``(1, d_out)``: no pre-activation or output
+    #: gradient outlives the hook that sees it. Such a block must also accept full rows.
+    row_means: ClassVar[bool] = False
 
     d_out: int
     d_in: int

@@ -224,8 +224,8 @@ class KBFGSBlock(Block):
     needs: ClassVar[frozenset[str]] = frozenset(
         {"inputs", "outputs", "output_grads", "second_pass"}
     )
-    #: Outputs and their gradients are only averaged over rows: any leading axes will do.
-    flat_outputs: ClassVar[bool] = False
+    #: Outputs and their gradients are only averaged over rows (the pair, ``ḡ``).
+    row_means: ClassVar[bool] = True
 
     d_out: int
     d_in: int

@@ -22,12 +22,14 @@ __all__ = ["UNSUPPORTED", "LayerCapture", "Record", "check_unsupported", "find_l
 class Record:
     """One call of one layer: its input, output and (later) output gradient."""
 
-    __slots__ = ("__weakref__", "grad", "input", "output")
+    __slots__ = ("__weakref__", "grad", "input", "output", "rows")
 
     def __init__(self, input: torch.Tensor):
         self.input = input
         self.output: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None
+        #: Rows of a layer whose output and gradient are kept as means (else None).
+        self.rows: int | None = None
 
 
 class _Root(torch.autograd.Function):
@@ -143,6 +145,9 @@ class LayerCapture:
         #: kept at all: the gradient hook lives on the tensor), so no pre-activation outlives
         #: the backward pass that needs it.
         self.keep_outputs: set[str] | None = None
+        #: Names of the layers whose outputs and output gradients are kept only as their
+        #: float64 means over rows (``Block.row_means``), reduced in the hooks.
+        self.mean_outputs: set[str] = set()
         self.records: dict[str, list[Record]] = {}
         #: Examples seen by the root module while recording (0 if it could not tell).
         self.examples = 0
@@ -185,7 +190,12 @@ class LayerCapture:
             replaced = self.root_outputs and not output.requires_grad
             if replaced:
                 output = _Root.apply(output, self._anchor(output))
-            if self.keep_outputs is None or name in self.keep_outputs or not self.capture_grads:
+            view = self.layers[name].output_view
+            mean = self.capture_grads and name in self.mean_outputs
+            if mean:
+                rows = view(output.detach())
+                record.output, record.rows = _row_mean(rows), rows.numel() // rows.shape[-1]
+            elif self.keep_outputs is None or name in self.keep_outputs or not self.capture_grads:
                 record.output = output  # the sampled Fisher's backward needs every output
             if self.capture_grads and output.requires_grad:
                 # A weak reference: the hook lives on the output, which the record holds, and
@@ -196,7 +206,7 @@ class LayerCapture:
                 def store(grad, ref=ref):
                     alive = ref()
                     if alive is not None:
-                        alive.grad = grad
+                        alive.grad = _row_mean(view(grad)) if mean else grad
 
                 output.register_hook(store)
             return output if replaced else None
@@ -220,3 +230,8 @@ class LayerCapture:
         self.records = {}
         self.removed = True
         self._active = False
+
+
+def _row_mean(rows: torch.Tensor) -> torch.Tensor:
+    """The float64 mean of ``(..., d)`` rows over every leading axis, shape (d,)."""
+    return rows.mean(dim=tuple(range(rows.ndim - 1)), dtype=torch.float64)

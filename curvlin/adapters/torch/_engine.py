@@ -135,6 +135,9 @@ class Curvature:
         self.capture = LayerCapture(self.layers, root=model)
         self.capture.capture_grads = fisher == "empirical"
         self.capture.keep_outputs = {n for n, b in blocks.items() if "outputs" in b.needs}
+        self.capture.mean_outputs = {n for n, b in blocks.items() if b.row_means}
+        #: Rows of the last first pass per layer kept as means: a second pass must match.
+        self.first_rows: dict[str, int] = {}
         self.input_probes: list[torch.Tensor] = []
         #: Layers captured at least once (or restored from a checkpoint).
         self.seen: set[str] = set()
@@ -224,6 +227,12 @@ class Curvature:
             records = [r for r in recorded if r.grad is not None]
             if not records:
                 continue
+            if records[0].rows is not None:  # kept as means (Block.row_means)
+                rows = sum(r.rows for r in records)
+                if plus and rows != self.first_rows.get(name):
+                    continue  # not reached the same way in the second pass: no pair
+                if not plus:
+                    self.first_rows[name] = rows
             plan[name] = records
             if "inputs" in self.driver.blocks[name].needs and not plus and not lazy:
                 self.input_probes += [r.input for r in records]
@@ -234,21 +243,16 @@ class Curvature:
             needs = block.needs
             n = examples or sum(handler.n_examples(r.input) for r in records)
             mean = self.loss_reduction != "sum"
-            # Blocks that only average outputs over rows get them without a copy where the
-            # layout allows; several calls of one layer are concatenated as rows.
-            rows = (
-                handler.output_view
-                if not block.flat_outputs and len(records) == 1
-                else handler.output_rows
-            )
+            if records[0].rows is not None:  # means over rows, from the hooks
+                rows = lambda values: _weighted_mean(values, [r.rows for r in records])  # noqa: E731
+            else:  # several calls of one layer are concatenated as rows
+                rows = lambda values: _cat([handler.output_rows(v) for v in values])  # noqa: E731
             return LayerBatch(
                 inputs=_cat([handler.input_rows(r.input) for r in records])
                 if "inputs" in needs and not plus
                 else None,
-                outputs=_cat([rows(r.output.detach()) for r in records])
-                if "outputs" in needs
-                else None,
-                output_grads=_cat([rows(r.grad) for r in records]),
+                outputs=rows([r.output.detach() for r in records]) if "outputs" in needs else None,
+                output_grads=rows([r.grad for r in records]),
                 n_examples=n if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
@@ -846,6 +850,13 @@ def _batch_probes(curv: Curvature, batches) -> list[torch.Tensor]:
 
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _weighted_mean(means: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """One ``(1, d)`` row: the mean over all rows of several calls' row means."""
+    if len(means) == 1:
+        return means[0][None]
+    return (sum(m * r for m, r in zip(means, rows)) / sum(rows))[None]
 
 
 class Preconditioner:
