@@ -23,7 +23,7 @@ leaves the optimizer's state as it was.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from ..backends import Array, get_backend
@@ -206,12 +206,17 @@ class Driver:
         self, states: Mapping[str, BlockState], grads: Mapping[str, tuple[Array, Array | None]]
     ) -> dict[str, tuple[Array, Array | None]]:
         """Directions ``(dW, db)`` for the layers in ``grads`` whose state is ready."""
-        out = {}
+        return dict(self.directions(states, grads))
+
+    def directions(
+        self, states: Mapping[str, BlockState], grads: Mapping[str, tuple[Array, Array | None]]
+    ) -> Iterator[tuple[str, tuple[Array, Array | None]]]:
+        """:meth:`precondition` one layer at a time, for an adapter that applies each
+        direction as it comes (only one layer's direction is alive at a time)."""
         for name, (grad_w, grad_b) in grads.items():
             block, state = self.blocks[name], states[name]
             if block.ready(state):
-                out[name] = block.precondition(state, grad_w, grad_b)
-        return out
+                yield name, block.precondition(state, grad_w, grad_b)
 
     def before_second_pass(
         self,
@@ -219,13 +224,15 @@ class Driver:
         batches: Mapping[str, LayerBatch],
         *,
         damping: Mapping[str, float],
+        install: bool = False,
     ) -> tuple[dict[str, BlockState], dict[str, LayerBatch]]:
         """:meth:`Block.before_second_pass` of every layer with a second pass; returns the
         states and the batches to hand :meth:`second_pass`, without their inputs (they are
         consumed: an adapter frees them before the second forward pass). It runs whether or
         not the second pass then sees the layer again the same way (:meth:`second_pass` skips
-        such a layer's pair update only)."""
-        states, rest = dict(states), dict(batches)
+        such a layer's pair update only). ``install`` as in :meth:`fold_refresh` (the new
+        states replace the current ones at once)."""
+        states, rest = (self.states if install else dict(states)), dict(batches)
         for name, batch in batches.items():
             block = self.blocks[name]
             if "second_pass" in block.needs and batch.inputs is not None:

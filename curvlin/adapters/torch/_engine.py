@@ -601,23 +601,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss  # skipped: nothing changed
         states, batches = first
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
-        directions = driver.precondition(states, grads if buffers is None else buffers)
+        directions = driver.directions(states, grads if buffers is None else buffers)
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
-        updates, model = self._updates(directions, grads, buffers, model=adapt)
-        # -- from here on, state changes -------------------------------------------------
-        for p, direction, new_buffer in updates:
-            self._apply(p, direction, group_of[id(p)], new_buffer)
+        model = None
+        if self.kl_clip is None and not adapt:
+            # Nothing couples the layers' steps: each is applied as soon as it is made, so
+            # only one layer's direction is alive at a time.
+            for name, pair in directions:
+                for p, direction, _, new_buffer in self._layer_updates(name, pair, grads, buffers):
+                    self._apply(p, direction, group_of[id(p)], new_buffer)
+        else:
+            updates, model = self._updates(dict(directions), grads, buffers, model=adapt)
+            for p, direction, new_buffer in updates:
+                self._apply(p, direction, group_of[id(p)], new_buffer)
         # The directions and the gradient views are spent: free them before a second pass
         # (the closure's zero_grad can only free ``.grad`` if nothing else holds it).
-        updates = directions = buffers = grads = p = direction = new_buffer = None
+        updates = directions = buffers = grads = p = direction = new_buffer = pair = None
         self._fallback_step(others, group_of)
         loss_plus = None
         if curv.second_pass_due and batches:
             first = states  # what the step commits if the second pass raises
             if not driver.check_due():  # a check reads the inputs after the second pass
-                # The input-side update needs only the first pass: done now, the input rows
-                # (a convolution's patches) are freed before the second forward pass.
-                states, batches = driver.before_second_pass(states, batches, damping=damping)
+                # The input-side update needs only the first pass: done now (and installed,
+                # so the step stands with it), the input rows (a convolution's patches) are
+                # freed before the second forward pass.
+                states, batches = driver.before_second_pass(
+                    states, batches, damping=damping, install=True
+                )
             try:
                 loss_plus = curv.run_closure(closure, second=True)
                 plus = curv.collect(plus=True)
@@ -674,14 +684,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """``(param, Δ, new momentum buffer or None)`` per parameter to update, kl-clipped,
         and (with ``model``) the quadratic model's terms ``(gᵀΔ, ΔᵀM, ν)`` on the device."""
         out, g_dot_d, d_dot_m = [], [], []
-        for name, (dw, db) in directions.items():
-            h = self._curv.layers[name]
-            bufs = (None, None) if buffers is None else buffers[name]
-            for p, d, g, buf in zip((h.weight, h.module.bias), (dw, db), grads[name], bufs):
-                if p is None or p.grad is None or d is None:
-                    continue
-                d, g = d.view_as(p), g.view_as(p)
-                buf = None if buf is None else buf.view_as(p)
+        for name, pair in directions.items():
+            for p, d, g, buf in self._layer_updates(name, pair, grads, buffers):
                 out.append((p, d, buf))
                 if self.kl_clip is not None or model:
                     g_dot_d.append((d * g).sum())
@@ -697,6 +701,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not model or not g_dot_d:
             return out, None
         return out, (torch.stack(g_dot_d).sum(), torch.stack(d_dot_m).sum(), nu)
+
+    def _layer_updates(self, name, pair, grads, buffers):
+        """``(param, Δ, gradient, momentum buffer or None)``, shaped like the parameter, for
+        each parameter of layer ``name`` with a gradient and a direction."""
+        h = self._curv.layers[name]
+        bufs = (None, None) if buffers is None else buffers[name]
+        for p, d, g, buf in zip((h.weight, h.module.bias), pair, grads[name], bufs):
+            if p is None or p.grad is None or d is None:
+                continue
+            yield p, d.view_as(p), g.view_as(p), None if buf is None else buf.view_as(p)
 
     def _apply(self, p, direction, group, new_buffer):
         mu, slot = group["momentum"], self.state[p]
@@ -962,8 +976,7 @@ class Preconditioner:
                 return False  # skipped: gradients and curvature untouched
             states, batches = first
             second = "second_pass" in curv.needs and batches
-            directions = driver.precondition(states, grads)
-            for name, (dw, db) in directions.items():
+            for name, (dw, db) in driver.directions(states, grads):
                 h = curv.layers[name]
                 for p, d in ((h.weight, dw), (h.module.bias, db)):
                     if p is not None and p.grad is not None and d is not None:
