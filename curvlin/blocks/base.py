@@ -56,7 +56,7 @@ class LayerBatch:
         spatial position for a convolution (im2col patches).
     outputs : array of shape (R, d_out), or None
         The layer's outputs (pre-activations) on the same rows (for a block with
-        ``row_means``, possibly their float64 mean over the rows, shape ``(1, d_out)``).
+        ``row_means``, possibly their mean over the rows, shape ``(1, d_out)``).
     output_grads : array of shape (R, d_out), or None
         Output gradients on the same rows (the same shape as ``outputs``);
         ``grad_scale · output_grads`` are per-example gradients (``N ×`` autograd's gradient
@@ -191,8 +191,8 @@ class Block:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Whether the block reads ``outputs`` and ``output_grads`` only through their means over
     #: rows (K-BFGS's pairs). Then an adapter may reduce them as they are captured and hand
-    #: one row, the float64 mean, of shape ``(1, d_out)``: no pre-activation or output
-    #: gradient outlives the hook that sees it. Such a block must also accept full rows.
+    #: one row, the mean, of shape ``(1, d_out)``: no pre-activation or output gradient
+    #: outlives the hook that sees it. Such a block must also accept full rows.
     row_means: ClassVar[bool] = False
 
     d_out: int

@@ -146,7 +146,7 @@ class LayerCapture:
         #: the backward pass that needs it.
         self.keep_outputs: set[str] | None = None
         #: Names of the layers whose outputs and output gradients are kept only as their
-        #: float64 means over rows (``Block.row_means``), reduced in the hooks.
+        #: means over rows (``Block.row_means``), reduced in the hooks.
         self.mean_outputs: set[str] = set()
         self.records: dict[str, list[Record]] = {}
         #: Examples seen by the root module while recording (0 if it could not tell).
@@ -233,5 +233,6 @@ class LayerCapture:
 
 
 def _row_mean(rows: torch.Tensor) -> torch.Tensor:
-    """The float64 mean of ``(..., d)`` rows over every leading axis, shape (d,)."""
-    return rows.mean(dim=tuple(range(rows.ndim - 1)), dtype=torch.float64)
+    """The mean of ``(..., d)`` rows over every leading axis, shape (d,), in their dtype
+    (a float64 accumulation costs about nine times as much on the CPU)."""
+    return rows.mean(dim=tuple(range(rows.ndim - 1)))
