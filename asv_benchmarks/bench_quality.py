@@ -25,7 +25,7 @@ _STEPS, _BATCH = 200, 256
 CONFIGS = {
     "kfac-best": ("KFAC", {"lr": 0.003, "damping": 1e-3}),
     "kfac-adaptive": ("KFAC", {"lr": 0.001, "damping": 0.1, "adaptive_damping": True}),
-    "kbfgs-best": ("KBFGS", {"lr": 0.1, "damping": 0.1}),
+    "kbfgs-best": ("KBFGS", {"lr": 0.3, "damping": 0.1}),
     "kbfgs-adaptive": ("KBFGS", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
     "kbfgsl-best": ("KBFGSL", {"lr": 0.3, "damping": 0.1}),
     "kbfgsl-adaptive": ("KBFGSL", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),

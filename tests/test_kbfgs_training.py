@@ -85,7 +85,7 @@ def _train(images, make_opt, iters: int, *, every: int = 10):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: KBFGS(m, lr=0.1, damping=0.3, momentum=0.9),
+        lambda m: KBFGS(m, lr=0.2, damping=0.3, momentum=0.9),
         lambda m: KBFGSL(m, lr=0.2, damping=0.3, momentum=0.9),
     ],
     ids=["KBFGS", "KBFGSL"],

@@ -83,7 +83,7 @@ def adam_best(digits):
     ("name", "make", "measured"),
     [
         ("KFAC", lambda m: KFAC(m, lr=0.003, damping=1e-3), 0.785),
-        ("K-BFGS", lambda m: KBFGS(m, lr=0.1, damping=0.1), 2.18),
+        ("K-BFGS", lambda m: KBFGS(m, lr=0.3, damping=0.1), 1.38),
         ("K-BFGS(L)", lambda m: KBFGSL(m, lr=0.3, damping=0.1), 1.25),
     ],
     ids=["KFAC", "K-BFGS", "K-BFGS(L)"],
