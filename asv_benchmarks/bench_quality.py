@@ -65,6 +65,10 @@ def digits_loss_after(config: str, steps: int = _STEPS) -> float:
     def loss_of(out, x):
         return ((out - x) ** 2).sum() / x.shape[0]
 
+    # TNT's statistics come from the sampled loss's extra backward (the squared error summed
+    # over pixels is a Gaussian's: loss="mse", loss_reduction="batchmean").
+    sampled = cls == "TNT" and kwargs.get("fisher", "mc") == "mc"
+
     order = np.random.default_rng(0)
     perm, pos = order.permutation(len(data)), 0
     for _ in range(steps):
@@ -75,7 +79,10 @@ def digits_loss_after(config: str, steps: int = _STEPS) -> float:
 
         def closure(batch=batch):
             opt.zero_grad()
-            loss = loss_of(model(batch), batch)
+            out = model(batch)
+            if sampled:
+                opt.backward_fisher(out)
+            loss = loss_of(out, batch)
             loss.backward()
             return loss
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+from array_api_compat import device as _device
+
 from ._validation import check_damping, namespace_of
 from .backends import Array, Backend
 from .kron import KronFactorization
@@ -150,7 +152,9 @@ def trace_normalize(covariances, /):
     return tuple(cov * (scale * (d / total)) for cov, d in zip(covs, dims))
 
 
-def mode_factorize(factors, /, *, damping=0.0, power=1) -> KronFactorization:
+def mode_factorize(
+    factors, /, *, damping=0.0, power=1, relative: bool = False
+) -> KronFactorization:
     """``(F_i + εI)^(-1/power)`` for every mode: a :class:`~curvlin.KronFactorization` whose
     :meth:`~curvlin.KronFactorization.solve` applies ``⊗(F_i + εI)^(-1/power)`` to ``vec(x)``.
 
@@ -169,6 +173,10 @@ def mode_factorize(factors, /, *, damping=0.0, power=1) -> KronFactorization:
         ``ε >= 0``, added to every mode; it must make every factor positive definite.
     power : float, optional
         ``p > 0`` in ``(F + εI)^(-1/p)``.
+    relative : bool, optional
+        Scale ``ε`` by each factor's mean eigenvalue, ``ε_i = ε · tr(F_i)/d_i`` (``ε`` where
+        that is 0), computed on the device: the damping is then invariant to the scale of
+        the factors (a scaled gradient gives the same Shampoo direction).
 
     Returns
     -------
@@ -211,20 +219,26 @@ def mode_factorize(factors, /, *, damping=0.0, power=1) -> KronFactorization:
     if isinstance(power, bool) or not isinstance(power, Real) or not (power > 0):
         raise ValueError(f"{func}: power must be a positive number, got {power!r}")
     power = float(power)
+    if not isinstance(relative, bool):
+        raise TypeError(f"{func}: relative must be True or False, got {relative!r}")
     xp = backend.xp
-    out = []
+    out, dampings = [], []
     for f in factors:
+        eps = xp.full((), damping, dtype=f.dtype, device=_device(f))
+        if relative:
+            mean = _trace(xp, f) / f.shape[0]
+            eps = xp.where(mean > 0, eps * mean, eps)
         if f.ndim == 1:
-            out.append((f + damping) ** (-1.0 / power))
+            out.append((f + eps) ** (-1.0 / power))
         elif power == 1.0:
-            out.append(spd_inverse(f, damping=damping))
+            out.append(spd_inverse(f, damping=eps))
         else:
-            out.append(spd_inverse_root(f, power, damping=damping))
-    eps = tuple(xp.full((), damping, dtype=f.dtype) for f in factors)
-    return KronFactorization(inverses=tuple(out), dampings=eps)
+            out.append(spd_inverse_root(f, power, damping=eps))
+        dampings.append(eps)
+    return KronFactorization(inverses=tuple(out), dampings=tuple(dampings))
 
 
-def mode_solve(factors, x: Array, /, *, damping=0.0, power=1) -> Array:
+def mode_solve(factors, x: Array, /, *, damping=0.0, power=1, relative: bool = False) -> Array:
     """``⊗(F_i + εI)^(-1/power) vec(x)``, shaped like ``x``: :func:`mode_factorize` then
     :meth:`~curvlin.KronFactorization.solve`.
 
@@ -234,7 +248,7 @@ def mode_solve(factors, x: Array, /, *, damping=0.0, power=1) -> Array:
         As in :func:`mode_factorize`.
     x : array, shape (..., d_1, ..., d_k)
         The tensor (leading axes a batch).
-    damping, power
+    damping, power, relative
         As in :func:`mode_factorize`.
 
     Returns
@@ -265,7 +279,7 @@ def mode_solve(factors, x: Array, /, *, damping=0.0, power=1) -> Array:
             f"mode_solve: x must have trailing axes {dims} to match the factors, got "
             f"{tuple(x.shape)}"
         )
-    return mode_factorize(checked, damping=damping, power=power).solve(x)
+    return mode_factorize(checked, damping=damping, power=power, relative=relative).solve(x)
 
 
 # -- shared pieces ------------------------------------------------------------------------

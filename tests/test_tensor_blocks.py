@@ -43,8 +43,9 @@ def _tnt_reference(g, modes, max_dim):
 
 
 def _shampoo_reference(g, modes, max_dim):
+    """With the default relative damping: ``ε_i = ε · tr(H_i)/d_i``."""
     covs = _unfold_covs(g.reshape(modes), max_dim)
-    big = dense_kron([h + EPS * np.eye(len(h)) for h in covs])
+    big = dense_kron([h + EPS * np.trace(h) / len(h) * np.eye(len(h)) for h in covs])
     return (reference_inverse_root(big, 2 * len(modes)) @ g.reshape(-1)).reshape(g.shape)
 
 
@@ -243,3 +244,15 @@ def test_driver_runs_parameter_blocks_and_round_trips_their_state(method, xp, to
     bad["layers"]["w"]["arrays"]["f0"] = to_xp(np.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"layer 'w': buffer 'f0' has shape"):
         twin.load_state_dict(bad, lambda layer, key, value: value)
+
+
+def test_shampoo_with_relative_damping_ignores_the_gradient_scale(xp, to_xp, to_np, rng):
+    block = ShampooBlock((4, 3, 2))
+    g = rng.standard_normal((4, 3, 2))
+    directions = []
+    for s in (1.0, 1e-3):
+        state = block.init(to_xp(np.zeros(1)))
+        state = block.fold(state, block.statistics(state, LayerBatch(grad=to_xp(s * g))))
+        state = block.refresh(state, damping=1e-2)
+        directions.append(to_np(block.precondition(state, to_xp(s * g))[0]))
+    assert_close(directions[1], directions[0], rtol=1e-9)

@@ -244,3 +244,17 @@ def test_bad_arguments_name_themselves(xp, to_xp):
         mode_factorize([to_xp(-np.eye(2))], power=4)
     with pytest.raises(TypeError, match="factors must be a list"):
         trace_normalize(to_xp(np.eye(2)))
+
+
+@pytest.mark.parametrize("power", [1, 4])
+def test_relative_damping_scales_by_the_mean_eigenvalue(power, xp, to_xp, to_np, rng):
+    fs = [random_spd(rng, 3, scale=7.0), np.diag(random_spd(rng, 4)).copy()]
+    x = rng.standard_normal((3, 4))
+    eps = [0.1 * np.trace(fs[0]) / 3, 0.1 * np.mean(fs[1])]
+    damped = [fs[0] + eps[0] * np.eye(3), np.diag(fs[1] + eps[1])]
+    ref = reference_inverse_root(dense_kron(damped), power) @ x.reshape(-1)
+    fact = mode_factorize([to_xp(f) for f in fs], damping=0.1, power=power, relative=True)
+    assert_close(fact.solve(to_xp(x)), ref.reshape(3, 4), rtol=1e-10)
+    assert np.allclose([float(to_np(e)) for e in fact.dampings], eps)
+    zero = mode_factorize([to_xp(np.zeros((2, 2)))], damping=0.5, relative=True)
+    assert_close(zero.inverses[0], 2.0 * np.eye(2), rtol=1e-12)  # ε itself where tr = 0

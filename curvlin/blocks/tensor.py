@@ -228,11 +228,11 @@ class TensorBlock(Block):
         """Whether a refresh has cached the inverses (or roots)."""
         return state.inverses is not None
 
-    def _refreshed(self, state: TensorState, factors, damping, power) -> TensorState:
+    def _refreshed(self, state: TensorState, factors, damping, power, relative=False):
         damping = check_damping(damping, "damping", f"{type(self).__name__}.refresh")
         if state.updates == 0:
             return state
-        fact = mode_factorize(list(factors), damping=damping, power=power)
+        fact = mode_factorize(list(factors), damping=damping, power=power, relative=relative)
         return replace(state, inverses=tuple(fact.inverses))
 
     # -- the direction --------------------------------------------------------------------
@@ -338,8 +338,10 @@ class ShampooBlock(TensorBlock):
 
     Statistics are the mode covariances ``G_(i) G_(i)ᵀ`` of the ordinary gradient
     (``needs = {"grad"}``), summed (``decay=None``, the paper's ``H_i``) or averaged by an
-    EMA; a refresh takes the inverse roots ``(H_i + εI)^(-1/(2k))`` (``ε = damping``) by
-    eigendecomposition; the direction is ``M ×_1 (H_1 + εI)^(-1/(2k)) … ×_k …``. With
+    EMA; a refresh takes the inverse roots ``(H_i + ε_i I)^(-1/(2k))`` by eigendecomposition,
+    with ``ε_i = damping · tr(H_i)/d_i`` (``relative_damping``, the default: the direction is
+    then invariant to the gradient's scale) or ``ε_i = damping``; the direction is
+    ``M ×_1 (H_1 + ε_1 I)^(-1/(2k)) … ×_k …``. With
     ``graft="sgd"`` (``"adam"``) the direction is rescaled, per parameter, to the norm of
     ``M`` (of the Adam step ``M / (√v + 1e-8)``, ``v`` the EMA of the squared gradient with
     decay 0.999, folded on statistics steps).
@@ -352,12 +354,14 @@ class ShampooBlock(TensorBlock):
         EMA decay of the ``H_i``; None sums them (the paper's AdaGrad-like accumulation).
     graft : {None, "sgd", "adam"}
         Grafting of the step norm.
+    relative_damping : bool
+        Scale the damping by each factor's mean eigenvalue.
 
     Examples
     --------
     >>> import numpy as np
     >>> from curvlin.blocks import LayerBatch, ShampooBlock
-    >>> block = ShampooBlock((2, 3), decay=None)
+    >>> block = ShampooBlock((2, 3), decay=None, relative_damping=False)
     >>> state = block.init(np.zeros(0))
     >>> g = np.diag([2.0, 1.0])[:, :2] @ np.eye(2, 3)
     >>> state = block.fold(state, block.statistics(state, LayerBatch(grad=g)))
@@ -369,11 +373,17 @@ class ShampooBlock(TensorBlock):
 
     needs: ClassVar[frozenset[str]] = frozenset({"grad"})
     graft: str | None = None
+    relative_damping: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         if self.graft not in GRAFTS:
             raise ValueError(f"ShampooBlock: graft must be one of {GRAFTS}, got {self.graft!r}")
+        if not isinstance(self.relative_damping, bool):
+            raise TypeError(
+                f"ShampooBlock: relative_damping must be True or False, got "
+                f"{self.relative_damping!r}"
+            )
 
     def statistics(self, state: TensorState, batch: LayerBatch, /) -> dict[str, Array]:
         """The mode covariances ``c{i}`` and, for Adam grafting, ``g2``, the squared gradient."""
@@ -394,8 +404,9 @@ class ShampooBlock(TensorBlock):
         return replace(new, graft=v)
 
     def refresh(self, state: TensorState, /, *, damping) -> TensorState:
-        """``(H_i + εI)^(-1/(2k))``; nothing before any statistics."""
-        return self._refreshed(state, state.factors, damping, 2 * len(self.modes))
+        """``(H_i + ε_i I)^(-1/(2k))``; nothing before any statistics."""
+        power = 2 * len(self.modes)
+        return self._refreshed(state, state.factors, damping, power, self.relative_damping)
 
     def _direction(self, state: TensorState, grad: Array, /) -> Array:
         d = super()._direction(state, grad)

@@ -48,6 +48,10 @@ _SHAMPOO_DOC = """
     graft : {None, "sgd", "adam"}
         Rescale each parameter's direction to the norm of the momentum gradient (``"sgd"``)
         or of an Adam step on it (``"adam"``, second-moment decay 0.999, ``ε = 1e-8``).
+    relative_damping : bool
+        ``damping`` times each factor's mean eigenvalue ``tr(H_i)/d_i`` is added to ``H_i``
+        (the default: the direction is then invariant to the scale of the loss), or
+        ``damping`` itself.
 """
 
 
@@ -149,10 +153,10 @@ class Shampoo(CurvatureOptimizer):
     preconditioner per parameter tensor, of any shape.
 
     Each parameter ``W`` of shape ``(d_1, …, d_k)`` gets
-    ``Δ = M ×_1 (H_1 + εI)^(-1/(2k)) … ×_k (H_k + εI)^(-1/(2k))``, with ``H_i`` the EMA (or
-    sum) of the mode covariances ``G_(i) G_(i)ᵀ`` of the ordinary gradient
-    (:class:`curvlin.blocks.ShampooBlock`), ``ε = damping``, ``M`` the momentum, optionally
-    grafted to the step norm of SGD or Adam.
+    ``Δ = M ×_1 (H_1 + ε_1 I)^(-1/(2k)) … ×_k (H_k + ε_k I)^(-1/(2k))``, with ``H_i`` the EMA
+    (or sum) of the mode covariances ``G_(i) G_(i)ᵀ`` of the ordinary gradient
+    (:class:`curvlin.blocks.ShampooBlock`), ``ε_i = damping · tr(H_i)/d_i``, ``M`` the
+    momentum, optionally grafted to the step norm of SGD or Adam.
 
     Parameters
     ----------
@@ -193,17 +197,19 @@ class Shampoo(CurvatureOptimizer):
     True
     """
 
-    default_damping = 1e-4
+    default_damping = 1e-3
 
-    def __init__(self, params, lr: float = 0.01, damping: float = 1e-4, momentum: float = 0.9,
+    def __init__(self, params, lr: float = 0.01, damping: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, momentum_form: str = "gradient",
                  kl_clip: float | None = None, adaptive_damping: bool = False,
                  adapt_every: int = 5, decay: float | None = 0.99, graft: str | None = None,
-                 conv: str = "filter", max_dim: int | None = 4096, stats_every: int = 1,
-                 refresh_every: int = 1, factor_dtype: torch.dtype | None = None):  # fmt: skip
+                 relative_damping: bool = True, conv: str = "filter",
+                 max_dim: int | None = 4096, stats_every: int = 1, refresh_every: int = 1,
+                 factor_dtype: torch.dtype | None = None):  # fmt: skip
         make_block, options = self.block_factory(
-            decay=decay, graft=graft, conv=conv, max_dim=max_dim
-        )
+            decay=decay, graft=graft, relative_damping=relative_damping, conv=conv,
+            max_dim=max_dim,
+        )  # fmt: skip
         super().__init__(params, make_block, owner="Shampoo", lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
                          momentum_form=momentum_form, adaptive_damping=adaptive_damping,
@@ -213,18 +219,19 @@ class Shampoo(CurvatureOptimizer):
 
     @staticmethod
     def block_factory(*, decay: float | None = 0.99, graft: str | None = None,
-                      conv: str = "filter", max_dim: int | None = 4096,
-                      **engine_options):  # fmt: skip
+                      relative_damping: bool = True, conv: str = "filter",
+                      max_dim: int | None = 4096, **engine_options):  # fmt: skip
         """The block of each parameter, and the engine options left over (for the engine)."""
         _check_conv("Shampoo", conv)
         if graft not in GRAFTS:
             raise ValueError(f"Shampoo: graft must be one of {GRAFTS}, got {graft!r}")
-        ShampooBlock((1,), decay=decay, max_dim=max_dim)  # validates decay and max_dim
+        options = {"decay": decay, "max_dim": max_dim, "graft": graft,
+                   "relative_damping": relative_damping}  # fmt: skip
+        ShampooBlock((1,), **options)  # validates them
 
         def make(name, h):
             shape = tuple(h.weight.shape)
-            modes = tensor_modes(shape, conv=conv)
-            return ShampooBlock(shape, modes, decay=decay, max_dim=max_dim, graft=graft)
+            return ShampooBlock(shape, tensor_modes(shape, conv=conv), **options)
 
         return make, {"units": "parameters", **engine_options}
 
