@@ -256,3 +256,16 @@ def test_shampoo_with_relative_damping_ignores_the_gradient_scale(xp, to_xp, to_
         state = block.refresh(state, damping=1e-2)
         directions.append(to_np(block.precondition(state, to_xp(s * g))[0]))
     assert_close(directions[1], directions[0], rtol=1e-9)
+
+
+def test_tnt_statistics_are_per_example(xp, to_xp, to_np, rng):
+    """``N · G̃_(i) G̃_(i)ᵀ``: the batch-mean gradient's covariance is ``F̄ / N``."""
+    block = TNTBlock((3, 2))
+    state = block.init(to_xp(np.zeros(1)))
+    g = to_xp(rng.standard_normal((3, 2)))
+    one = block.statistics(state, LayerBatch(grad=g))
+    four = block.statistics(state, LayerBatch(grad=g, n_examples=4))
+    for key in one:
+        assert_close(four[key], 4.0 * to_np(one[key]), rtol=1e-14)
+    with pytest.raises(ValueError, match="n_examples"):
+        block.statistics(state, LayerBatch(grad=g, n_examples=0))

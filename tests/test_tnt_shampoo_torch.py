@@ -30,7 +30,8 @@ def _unfold_covs(g):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_tnt_statistics_are_the_mode_covariances_of_the_sampled_gradient(reduction):
     """The sampled gradient is the batch-mean (or summed) loss's gradient at labels drawn by
-    the optimizer's seeded generator; its first statistics are taken as they are."""
+    the optimizer's seeded generator; its first statistics, ``N · G̃_(i) G̃_(i)ᵀ``, are taken
+    as they are."""
     model = cnn()
     x, t = torch.randn(5, 2, 7, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     opt = TNT(model, loss="mse", loss_reduction=reduction, seed=3)
@@ -46,6 +47,7 @@ def test_tnt_statistics_are_the_mode_covariances_of_the_sampled_gradient(reducti
         state = opt.curvature(name)
         modes = (p.shape[0], p.shape[1], p.shape[2] * p.shape[3]) if p.ndim == 4 else p.shape
         for f, c in zip(state.factors, _unfold_covs((ref / n).reshape(modes))):
+            c = c * n  # per-example scale: N · G̃G̃ᵀ estimates the mean per-example Fisher
             torch.testing.assert_close(f, c, rtol=1e-10, atol=1e-14)
 
 

@@ -70,7 +70,9 @@ class LayerBatch:
     grad : array of the parameter's shape, or None
         For a parameter block (``"grad"`` or ``"sampled_grad"`` in its needs): the gradient of
         the batch's loss (batch-mean or summed, as the loss reduces) with respect to the one
-        parameter, at the true or at sampled labels. No rows.
+        parameter, at the true or at sampled labels. No rows; ``n_examples`` is then the
+        batch size behind a batch-mean gradient where the adapter knows it (the sampled
+        one), else 1.
     """
 
     inputs: Array | None = None

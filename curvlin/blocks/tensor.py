@@ -274,9 +274,10 @@ class TNTBlock(TensorBlock):
     """Tensor-normal training for one parameter tensor (the :class:`~curvlin.blocks.Block`
     protocol).
 
-    Statistics are the mode covariances ``C_i = G̃_(i) G̃_(i)ᵀ`` of the gradient ``G̃`` of the
-    batch-mean loss at sampled labels (``needs = {"sampled_grad"}``; ``empirical=True``: at the
-    true labels, ``{"grad"}``), folded by an EMA with ``decay`` (the first batch as is). A
+    Statistics are the mode covariances ``C_i = N · G̃_(i) G̃_(i)ᵀ`` of the gradient ``G̃`` of
+    the batch-mean loss at sampled labels (``needs = {"sampled_grad"}``; ``empirical=True``: at
+    the true labels, ``{"grad"}``), with ``N = batch.n_examples``, folded by an EMA with
+    ``decay`` (the first batch as is). A
     refresh normalises them to equal mean eigenvalue, ``U_i`` (:func:`curvlin.trace_normalize`),
     and inverts ``U_i + εI`` with the same ``ε`` (``damping``) on every mode; the direction is
     ``M ×_1 (U_1 + εI)⁻¹ … ×_k (U_k + εI)⁻¹``.
@@ -296,8 +297,11 @@ class TNTBlock(TensorBlock):
 
     Notes
     -----
-    ``G̃`` is the batch-mean gradient, so ``⊗U_i`` estimates ``F̄ / N`` (the mean per-example
-    Fisher over the batch size): ``damping`` and ``lr`` carry the batch size, as in the paper.
+    Since ``E[∇ℓ_n(ŷ_n)] = 0``, the batch-mean sampled gradient has covariance ``F̄ / N`` (``F̄``
+    the mean per-example Fisher), so ``⊗U_i`` estimates ``F̄`` itself, the scale of KFAC's
+    factors (curvlin's per-example convention; the paper's ``G̃G̃ᵀ`` is ``F̄ / N`` and puts the
+    batch size into ``damping`` and ``lr``). An adapter that does not know ``N`` hands
+    ``n_examples = 1``: the statistics are then at the paper's scale.
 
     Examples
     --------
@@ -324,6 +328,14 @@ class TNTBlock(TensorBlock):
     def needs(self) -> frozenset[str]:
         """``{"sampled_grad"}``, or ``{"grad"}`` for the empirical variant."""
         return frozenset({"grad" if self.empirical else "sampled_grad"})
+
+    def statistics(self, state: TensorState, batch: LayerBatch, /) -> dict[str, Array]:
+        """``{"c0": …}``: ``N`` times the mode covariances of ``batch.grad`` (per-example)."""
+        n = batch.n_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"TNTBlock.statistics: n_examples must be a positive int, got {n!r}")
+        stats = super().statistics(state, batch)
+        return stats if n == 1 else {k: c * float(n) for k, c in stats.items()}
 
     def refresh(self, state: TensorState, /, *, damping) -> TensorState:
         """``(U_i + εI)⁻¹`` for the trace-normalised factors; nothing before any statistics."""

@@ -145,8 +145,10 @@ class Curvature:
             self.groups = [{"params": [p for p in trainable if p.requires_grad]}]
             #: Parameter names as in ``model.named_parameters()``, by ``id``, for messages.
             self.param_names = {id(p): name for name, p in model.named_parameters()}
-        #: Parameter units' gradients at sampled labels, from :meth:`backward_fisher`.
+        #: Parameter units' gradients at sampled labels, from :meth:`backward_fisher`, and the
+        #: number of examples behind them (1 for a summed loss).
         self.sampled_grads: dict[str, torch.Tensor] = {}
+        self.sampled_examples = 1
         blocks, states = {}, {}
         for name, handler in self.layers.items():
             block = make_block(name, handler)
@@ -245,14 +247,16 @@ class Curvature:
             allow_unused=True,
         )
         # δ are per-example: their backward is Σ_n ∇ℓ_n; the batch-mean loss's is 1/N of it.
-        scale = 1.0 if self.loss_reduction == "sum" else 1.0 / output.shape[0]
-        self.sampled_grads = {n: g * scale for n, g in zip(names, grads) if g is not None}
+        n = 1 if self.loss_reduction == "sum" else output.shape[0]
+        self.sampled_grads = {name: g / n for name, g in zip(names, grads) if g is not None}
+        self.sampled_examples = n
 
     def _param_batches(self) -> dict[str, LayerBatch]:
         """The parameter units' batches: their gradients (sampled, or ``.grad``)."""
-        sampled = self.fisher == "mc"
+        sampled, n = self.fisher == "mc", 1
         if sampled:
             grads, how = self.sampled_grads, "call opt.backward_fisher(output) after the forward"
+            n = self.sampled_examples
         else:
             grads = {n: h.weight.grad for n, h in self.layers.items()}
             grads, how = {n: g for n, g in grads.items() if g is not None}, "call loss.backward()"
@@ -262,7 +266,9 @@ class Curvature:
                 f"{self.owner}: no parameter has a gradient on a statistics step: {how} "
                 "before step()"
             )
-        return {n: LayerBatch(grad=g) for n, g in grads.items()}
+        # n_examples: N for the batch-mean gradient at sampled labels (as a layer's batch
+        # says it); 1 where the engine does not count examples (the ordinary gradient).
+        return {name: LayerBatch(grad=g, n_examples=n) for name, g in grads.items()}
 
     def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks

@@ -78,9 +78,12 @@ class TNT(CurvatureOptimizer):
     Notes
     -----
     The loop calls :meth:`backward_fisher` on the model's output before ``loss.backward()``
-    (a no-op on steps without statistics); no hook is registered. ``⊗U_i`` estimates the
-    covariance of the batch-mean gradient, ``F̄ / N``: ``damping`` and ``lr`` carry the batch
-    size (the paper's convention). Cost per parameter: memory ``2 Σ d_i²``; statistics
+    (a no-op on steps without statistics); no hook is registered. The statistics are
+    ``N · G̃_(i) G̃_(i)ᵀ`` for a batch of ``N`` (``N`` = 1 for a summed loss), so ``⊗U_i``
+    estimates the mean per-example Fisher, the scale of KFAC's factors; the paper's
+    ``G̃_(i) G̃_(i)ᵀ`` puts the batch size into ``damping`` and ``lr``. With
+    ``fisher="empirical"`` the engine does not know ``N`` and the statistics are the
+    paper's. Cost per parameter: memory ``2 Σ d_i²``; statistics
     ``Σ P d_i`` flops and one extra backward per statistics step; refresh ``Σ d_i³``; the
     direction ``Σ P d_i`` per step (``P = ∏ d_i``).
     {behaviour}
