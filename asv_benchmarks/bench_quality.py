@@ -9,7 +9,8 @@ after 200 steps (initial loss 11.4). Each optimizer runs at the best point of th
 grid of docs/benchmarks.md (``*-best``), with ``adaptive_damping=True`` from damping 0.1 at the
 best of lr ∈ {0.1, 0.01, 0.001} (``*-adaptive``), or as the first-order baseline.
 Goals (never asserted): KFAC <= 0.40 (ASDL's KFAC: 0.43), K-BFGS and K-BFGS(L) <= 0.65 (half
-of Adam's 1.31); the adaptive runs within 1.5× of their ``-best``.
+of Adam's 1.31); the adaptive runs within 1.5× of their ``-best``; TNT and Shampoo <= 0.5
+(docs/tnt_shampoo.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ CONFIGS = {
     "kbfgs-adaptive": ("KBFGS", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
     "kbfgsl-best": ("KBFGSL", {"lr": 0.3, "damping": 0.1}),
     "kbfgsl-adaptive": ("KBFGSL", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
+    "tnt-best": ("TNT", {"lr": 0.03, "damping": 0.1, "loss": "mse", "loss_reduction": "batchmean"}),
+    "shampoo-best": ("Shampoo", {"lr": 0.01, "damping": 1e-3}),
     "adam-1e-2": (None, {"lr": 1e-2}),
 }
 

@@ -258,8 +258,9 @@ class Curvature:
             grads, how = self.sampled_grads, "call opt.backward_fisher(output) after the forward"
             n = self.sampled_examples
         else:
-            grads = {n: h.weight.grad for n, h in self.layers.items()}
-            grads, how = {n: g for n, g in grads.items() if g is not None}, "call loss.backward()"
+            grads = {name: h.weight.grad for name, h in self.layers.items()}
+            grads = {name: g for name, g in grads.items() if g is not None}
+            how = "call loss.backward()"
         self.sampled_grads = {}
         if not grads:
             raise RuntimeError(

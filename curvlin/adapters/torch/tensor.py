@@ -120,7 +120,7 @@ class TNT(CurvatureOptimizer):
     def __init__(self, params, lr: float = 0.01, damping: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, momentum_form: str = "gradient",
                  kl_clip: float | None = None, adaptive_damping: bool = False,
-                 adapt_every: int = 5, decay: float = 0.9, fisher: str = "mc",
+                 adapt_every: int = 5, decay: float = 0.8, fisher: str = "mc",
                  loss: str | None = None, loss_reduction: str = "mean", conv: str = "filter",
                  max_dim: int | None = 4096, stats_every: int = 1, refresh_every: int = 1,
                  factor_dtype: torch.dtype | None = None, seed: int = 0):  # fmt: skip
@@ -136,7 +136,7 @@ class TNT(CurvatureOptimizer):
                          **options)  # fmt: skip
 
     @staticmethod
-    def block_factory(*, decay: float = 0.9, fisher: str = "mc", conv: str = "filter",
+    def block_factory(*, decay: float = 0.8, fisher: str = "mc", conv: str = "filter",
                       max_dim: int | None = 4096, **engine_options):  # fmt: skip
         """The block of each parameter, and the engine options left over (for the engine)."""
         _check_conv("TNT", conv)
