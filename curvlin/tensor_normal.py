@@ -91,8 +91,13 @@ def mode_covariances(x: Array, /, *, batched: bool = False, max_dim: int | None 
     out = []
     for i in range(lead, x.ndim):
         others = [j for j in range(x.ndim) if j != i]
-        if max_dim is not None and x.shape[i] > max_dim:
+        d = x.shape[i]
+        if max_dim is not None and d > max_dim:
             out.append(xp.sum(x * x, axis=tuple(others)) if others else x * x)
+        elif i == x.ndim - 1:  # rows of a reshape without a copy: a symmetric Gram
+            out.append(backend.gram(xp.reshape(x, (-1, d))))
+        elif i == 0:
+            out.append(backend.gram(xp.matrix_transpose(xp.reshape(x, (d, -1)))))
         else:
             out.append(xp.tensordot(x, x, axes=(others, others)))
     return tuple(out)
