@@ -25,6 +25,12 @@ class Method:
     sampled: bool = False  # the closure calls opt.backward_fisher(output)
     #: Every trainable tensor is its own block (TNT, Shampoo): no hooks, nothing unsupported.
     per_parameter: bool = False
+    #: Whether ``adaptive_damping`` applies: the preconditioner is a damped inverse curvature
+    #: (Shampoo's roots are not, and it refuses the option).
+    adaptive: bool = True
+    #: A damping far too small, from which the adaptation recovers (TNT damps every mode, so
+    #: a weight's damping is about its square).
+    tiny_damping: float = 1e-6
 
     def make(self, model, **overrides):
         return self.build(model, **{**self.defaults, **overrides})
@@ -74,8 +80,15 @@ METHODS = [
         {**_COMMON, "damping": 0.1, "loss": "mse", "stats_every": 2, "refresh_every": 3},
         sampled=True,
         per_parameter=True,
+        tiny_damping=1e-2,
     ),
-    Method("shampoo", Shampoo, {**_COMMON, "damping": 1e-3, "graft": "adam"}, per_parameter=True),
+    Method(
+        "shampoo",
+        Shampoo,
+        {**_COMMON, "damping": 1e-3, "graft": "adam"},
+        per_parameter=True,
+        adaptive=False,
+    ),
 ]
 
 

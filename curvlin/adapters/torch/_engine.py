@@ -351,7 +351,10 @@ class Curvature:
         ``evaluate`` (a second pass for the loss alone): nothing is kept and the sampled
         Fisher's extra backward is skipped.
         """
-        params = [p for p in self.all_params() if p.requires_grad] if second else []
+        # Parameter units have no hooks to make layer outputs roots of the backward graph:
+        # their second (evaluation) pass keeps the parameters trainable.
+        frozen = second and self.units == "layers"
+        params = [p for p in self.all_params() if p.requires_grad] if frozen else []
         for p in params:
             p.requires_grad_(False)
         self.capture.clear()

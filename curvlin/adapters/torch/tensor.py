@@ -169,9 +169,10 @@ class Shampoo(CurvatureOptimizer):
     Notes
     -----
     No hook and no extra backward: the statistics are the gradient's own, so the plain
-    ``loss.backward(); opt.step()`` loop works. The roots are eigendecompositions at every
-    refresh (``refresh_every``), ``Σ d_i³`` flops per parameter; the direction costs
-    ``Σ P d_i`` per step; memory ``2 Σ d_i²``.
+    ``loss.backward(); opt.step()`` loop works. ``adaptive_damping=True`` is refused: the
+    roots are no inverse curvature, so the Levenberg–Marquardt ratio has no model to test.
+    The roots are eigendecompositions at every refresh (``refresh_every``), ``Σ d_i³`` flops
+    per parameter; the direction costs ``Σ P d_i`` per step; memory ``2 Σ d_i²``.
     {behaviour}
     References
     ----------
@@ -209,6 +210,12 @@ class Shampoo(CurvatureOptimizer):
                  relative_damping: bool = True, conv: str = "filter",
                  max_dim: int | None = 4096, stats_every: int = 1, refresh_every: int = 1,
                  factor_dtype: torch.dtype | None = None):  # fmt: skip
+        if adaptive_damping:
+            raise ValueError(
+                "Shampoo: adaptive_damping needs a preconditioner that is a damped inverse "
+                "curvature (its quadratic model predicts the loss change); Shampoo's inverse "
+                "roots are not one"
+            )
         make_block, options = self.block_factory(
             decay=decay, graft=graft, relative_damping=relative_damping, conv=conv,
             max_dim=max_dim,
