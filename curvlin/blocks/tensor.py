@@ -13,8 +13,9 @@ larger than ``max_dim`` keeps only its diagonal.
   normalises them to equal mean eigenvalue (:func:`curvlin.trace_normalize`) and inverts
   ``U_i + εI``; the direction is ``(⊗(U_i + εI))⁻¹ vec(M)``.
 - :class:`ShampooBlock`: ``H_i`` = running sum (or EMA) of the mode covariances of the
-  gradient; refresh takes ``(H_i + εI)^(-1/(2k))``; the direction is
-  ``⊗(H_i + εI)^(-1/(2k)) vec(M)``, optionally grafted to the norm of an SGD or Adam step.
+  gradient; refresh takes ``(H_i + ε_i I)^(-1/(2k))`` with ``ε_i = ε · tr(H_i)/d_i`` (or ``ε``);
+  the direction is ``⊗(H_i + ε_i I)^(-1/(2k)) vec(M)``, optionally grafted to the norm of an
+  SGD or Adam step.
 
 References
 ----------
