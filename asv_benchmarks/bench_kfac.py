@@ -478,7 +478,8 @@ def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int
     return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
-def _peak_in_subprocess(mode: str, device: str, problem: str) -> float:
+def _peak_in_subprocess(mode: str, device: str, problem: str, *, module: str = __name__) -> float:
+    """:func:`peak_mib` of ``module`` (this one, or another bench module's) in a new process."""
     import json
     import os
     import subprocess
@@ -489,7 +490,7 @@ def _peak_in_subprocess(mode: str, device: str, problem: str) -> float:
     code = (
         "import json, sys, importlib\n"
         f"sys.path.insert(0, {root!r})\n"
-        f"m = importlib.import_module({__name__!r})\n"
+        f"m = importlib.import_module({module!r})\n"
         f"print(json.dumps(m.peak_mib({mode!r}, {device!r}, {problem!r})))\n"
     )
     # Every allocation above 64 KiB its own mapping, returned when freed: the resident set

@@ -28,6 +28,7 @@ from .quasi_newton import (
     lm_damping,
     powell_damping,
 )
+from .tensor_normal import mode_covariances, mode_factorize, mode_solve, trace_normalize
 
 __version__ = "0.1.0.dev0"
 
@@ -49,6 +50,9 @@ __all__ = [
     "lbfgs_push",
     "lm_adapt",
     "lm_damping",
+    "mode_covariances",
+    "mode_factorize",
+    "mode_solve",
     "pi_damping",
     "powell_damping",
     "predicted_change",
@@ -56,4 +60,5 @@ __all__ = [
     "spd_inverse",
     "spd_inverse_root",
     "spd_solve",
+    "trace_normalize",
 ]

@@ -67,7 +67,8 @@ def kron_apply(factors, x: Array, /) -> Array:
 
 
 def _apply(backend: Backend, mats: list[Array], x: Array) -> Array:
-    """The mode products, unchecked. ``mats[i]`` has shape (m_i, d_i)."""
+    """The mode products, unchecked. ``mats[i]`` has shape (m_i, d_i), or (d_i,) for a
+    diagonal factor (held as its diagonal; :mod:`curvlin.tensor_normal` uses them)."""
     xp = backend.xp
     k = len(mats)
     dims = tuple(x.shape[x.ndim - k :])
@@ -76,7 +77,9 @@ def _apply(backend: Backend, mats: list[Array], x: Array) -> Array:
     y = x
     for i, f in enumerate(mats):
         rest = math.prod(dims[i + 1 :])
-        if rest == 1:
+        if f.ndim == 1:  # a diagonal factor (a mode too large for a full one): a scaling
+            y = xp.reshape(y, (lead, dims[i], rest)) * f[:, None]
+        elif rest == 1:
             y = xp.reshape(y, (lead, dims[i])) @ xp.matrix_transpose(f)
         elif lead == 1:
             y = f @ xp.reshape(y, (dims[i], rest))
@@ -179,11 +182,12 @@ def _mean_diagonal(backend: Backend, f: Array) -> Array:
 class KronFactorization:
     """A refreshed Kronecker factorisation that serves many solves.
 
-    Build it with :func:`kron_factorize`; apply it with :meth:`solve`. Exactly one of the two
-    representations is set:
+    Build it with :func:`kron_factorize` (or :func:`curvlin.mode_factorize`); apply it with
+    :meth:`solve`. Exactly one of the two representations is set:
 
     - ``inverses`` (π/factored damping): ``(F_i + γ_i I)⁻¹`` for each factor, with the ``γ_i``
-      kept in ``dampings``; a solve is ``k`` matrix products.
+      kept in ``dampings``; a solve is ``k`` matrix products. (:func:`curvlin.mode_factorize`
+      stores ``(F_i + εI)^(-1/p)`` here, and a 1-D entry as a diagonal: a scaling of its axis.)
     - ``eigenvectors`` and ``scale`` (exact damping): ``Q_i`` from ``F_i = Q_i Λ_i Q_iᵀ`` and
       ``1/(λ_1 ⊗ … ⊗ λ_k + damping)`` as a tensor of shape ``(d_1, …, d_k)``; a solve is ``2k``
       matrix products and one elementwise product.

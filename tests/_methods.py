@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, DiagonalFisher
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, TNT, DiagonalFisher, Shampoo
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,14 @@ class Method:
     build: Callable
     defaults: dict
     sampled: bool = False  # the closure calls opt.backward_fisher(output)
+    #: Every trainable tensor is its own block (TNT, Shampoo): no hooks, nothing unsupported.
+    per_parameter: bool = False
+    #: Whether ``adaptive_damping`` applies: the preconditioner is a damped inverse curvature
+    #: (Shampoo's roots are not, and it refuses the option).
+    adaptive: bool = True
+    #: A damping far too small, from which the adaptation recovers (TNT damps every mode, so
+    #: a weight's damping is about its square).
+    tiny_damping: float = 1e-6
 
     def make(self, model, **overrides):
         return self.build(model, **{**self.defaults, **overrides})
@@ -65,6 +73,21 @@ METHODS = [
         "diagonal",
         DiagonalFisher,
         {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3},
+    ),
+    Method(
+        "tnt",
+        TNT,
+        {**_COMMON, "damping": 0.1, "loss": "mse", "stats_every": 2, "refresh_every": 3},
+        sampled=True,
+        per_parameter=True,
+        tiny_damping=1e-2,
+    ),
+    Method(
+        "shampoo",
+        Shampoo,
+        {**_COMMON, "damping": 1e-3, "graft": "adam"},
+        per_parameter=True,
+        adaptive=False,
     ),
 ]
 

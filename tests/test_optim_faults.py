@@ -240,6 +240,10 @@ def test_eval_mode_raises_on_a_statistics_step(method):
     x, t = batches(SHAPE, 1)[0]
     model.eval()
     before = params(model)
+    if method.per_parameter:  # nothing is captured: a gradient is all they need
+        method.step(opt, model, x, t)
+        assert opt.step_count == 1
+        return
     with pytest.raises(RuntimeError, match="training mode"):
         method.step(opt, model, x, t)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
@@ -278,6 +282,13 @@ def test_shared_weight_is_refused(method):
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight  # two layers, one weight
     model = nn.Sequential(nn.Linear(3, 4), a, nn.Tanh(), b).double()
+    if method.per_parameter:  # one parameter, one block, whoever uses it
+        opt = method.make(model)
+        assert "3.weight" not in opt.layer_names
+        for x, t in batches(SHAPE, 2, d_out=4):
+            method.step(opt, model, x, t)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        return
     with pytest.raises(ValueError, match=r"layers '1' and '3' share a parameter"):
         method.make(model)
 
@@ -295,7 +306,10 @@ def test_module_called_twice_is_one_layer(method):
 
     model = Twice().double()
     opt = method.make(model)
-    assert opt.layer_names == ["inp", "mid", "out"]
+    layers = ["inp", "mid", "out"]
+    if method.per_parameter:
+        layers = [f"{n}.{p}" for n in layers for p in ("weight", "bias")]
+    assert opt.layer_names == layers
     for x, t in batches(SHAPE, 3):
         method.step(opt, model, x, t)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -318,10 +332,16 @@ class _Attention(nn.Module):
 
 def test_attention_projections_are_unsupported_not_silently_skipped(method):
     model = _Attention().double()
-    with pytest.raises(ValueError, match=r"attn\.out_proj\.weight.*attn\.in_proj_weight|in_proj"):
-        method.make(model)
-    opt = method.make(model, unsupported="adam")
-    assert "attn.out_proj" not in opt.layer_names
+    if method.per_parameter:  # every parameter is supported, each with its own curvature
+        opt = method.make(model)
+        assert opt.layer_names == [n for n, _ in model.named_parameters()]
+    else:
+        with pytest.raises(
+            ValueError, match=r"attn\.out_proj\.weight.*attn\.in_proj_weight|in_proj"
+        ):
+            method.make(model)
+        opt = method.make(model, unsupported="adam")
+        assert "attn.out_proj" not in opt.layer_names
     before = params(model)
     for x, t in batches(SHAPE, 3):
         method.step(opt, model, x, t)
@@ -343,6 +363,10 @@ def test_a_bypassed_layer_raises_instead_of_getting_no_update(method):
     opt = method.make(model)
     x, t = batches(SHAPE, 1)[0]
     before = params(model)
+    if method.per_parameter:  # a parameter needs no module call: it gets its update
+        method.step(opt, model, x, t)
+        assert all(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
+        return
     with pytest.raises(RuntimeError, match="layer 'b' has a gradient but has never been seen"):
         method.step(opt, model, x, t)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
@@ -352,6 +376,16 @@ def test_a_bypassed_layer_raises_instead_of_getting_no_update(method):
 def test_unsupported_parameters_get_the_fallback(method, fallback):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4)).double()
+    if method.per_parameter:  # the norm's scale and shift are parameters like any other
+        opt = method.make(model)
+        assert "1.weight" in opt.layer_names
+        assert len(opt.param_groups) == 1
+        with pytest.raises(TypeError, match="unsupported"):
+            method.make(model, unsupported=fallback)
+        ln = model[1].weight.detach().clone()
+        method.step(opt, model, *batches(SHAPE, 1)[0])
+        assert not torch.equal(model[1].weight, ln)
+        return
     with pytest.raises(ValueError, match=r"1\.weight \(5,\), 1\.bias \(5,\)"):
         method.make(model)
     choice = (lambda ps: torch.optim.AdamW(ps, lr=3e-3)) if fallback == "factory" else fallback
@@ -370,7 +404,7 @@ def test_unsupported_parameters_get_the_fallback(method, fallback):
 
 
 def test_unsupported_must_be_known(method):
-    with pytest.raises(ValueError, match="unsupported must be"):
+    with pytest.raises(TypeError if method.per_parameter else ValueError, match="unsupported"):
         method.make(mlp(), unsupported="ignore")
 
 

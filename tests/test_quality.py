@@ -20,7 +20,7 @@ from _helpers import require_test_dep
 from _torch_models import one_thread
 from torch import nn
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, TNT, Shampoo
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,10 @@ def _run(data, make):
 
             def closure(batch=batch):
                 opt.zero_grad()
-                loss = _loss(model(batch), batch)
+                out = model(batch)
+                if isinstance(opt, TNT):  # its sampled statistics' extra backward
+                    opt.backward_fisher(out)
+                loss = _loss(out, batch)
                 loss.backward()
                 return loss
 
@@ -85,8 +88,14 @@ def adam_best(digits):
         ("KFAC", lambda m: KFAC(m, lr=0.003, damping=1e-3), 0.785),
         ("K-BFGS", lambda m: KBFGS(m, lr=0.3, damping=0.1), 1.38),
         ("K-BFGS(L)", lambda m: KBFGSL(m, lr=0.3, damping=0.1), 1.25),
+        (
+            "TNT",
+            lambda m: TNT(m, lr=0.03, damping=0.1, loss="mse", loss_reduction="batchmean"),
+            0.600,
+        ),
+        ("Shampoo", lambda m: Shampoo(m, lr=0.01, damping=1e-3), 0.878),
     ],
-    ids=["KFAC", "K-BFGS", "K-BFGS(L)"],
+    ids=["KFAC", "K-BFGS", "K-BFGS(L)", "TNT", "Shampoo"],
 )
 def test_second_order_beats_tuned_adam_on_digits(digits, adam_best, name, make, measured):
     loss = _run(digits, make)

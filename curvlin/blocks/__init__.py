@@ -13,9 +13,20 @@ from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kernel import KernelBlock, LinearKernelBlock, kernel_solve
 from .kfac import KFACBlock, KFACState
+from .tensor import (
+    CONV_RESHAPES,
+    GRAFTS,
+    ShampooBlock,
+    TensorBlock,
+    TensorState,
+    TNTBlock,
+    tensor_modes,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CONV_RESHAPES",
+    "GRAFTS",
     "NEEDS",
     "Block",
     "BlockState",
@@ -32,7 +43,12 @@ __all__ = [
     "LayerBatch",
     "LinearKernelBlock",
     "Schedule",
+    "ShampooBlock",
+    "TNTBlock",
+    "TensorBlock",
+    "TensorState",
     "homogeneous",
     "homogeneous_gram",
     "kernel_solve",
+    "tensor_modes",
 ]

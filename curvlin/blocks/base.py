@@ -41,8 +41,9 @@ __all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous", "homogen
 
 #: What a block may need from a step: the layer's input rows, its output (pre-activation)
 #: rows, per-example output-gradient rows, and a second forward/backward pass on the same batch
-#: after the parameter update.
-NEEDS = frozenset({"inputs", "outputs", "output_grads", "second_pass"})
+#: after the parameter update; or, for a parameter block (one tensor, no layer), the
+#: parameter's gradient (``"grad"``) or its gradient at sampled labels (``"sampled_grad"``).
+NEEDS = frozenset({"inputs", "outputs", "output_grads", "second_pass", "grad", "sampled_grad"})
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class LayerBatch:
     grad_scale : float
         The factor that makes ``output_grads`` per-example. Blocks apply it to the statistics
         they compute (a Gram matrix's scale, a mean), never to every row: one pass fewer.
+    grad : array of the parameter's shape, or None
+        For a parameter block (``"grad"`` or ``"sampled_grad"`` in its needs): the gradient of
+        the batch's loss (batch-mean or summed, as the loss reduces) with respect to the one
+        parameter, at the true or at sampled labels. No rows; ``n_examples`` is then the
+        batch size behind a batch-mean gradient where the adapter knows it (the sampled
+        one), else 1.
     """
 
     inputs: Array | None = None
@@ -74,10 +81,12 @@ class LayerBatch:
     output_grads: Array | None = None
     n_examples: int = 1
     grad_scale: float = 1.0
+    grad: Array | None = None
 
     def arrays(self) -> list[Array]:
         """The arrays that are set (for a finiteness check)."""
-        return [a for a in (self.inputs, self.outputs, self.output_grads) if a is not None]
+        items = (self.inputs, self.outputs, self.output_grads, self.grad)
+        return [a for a in items if a is not None]
 
 
 class BlockState:

@@ -10,6 +10,7 @@ from ._sampling import LOSSES, sample_output_grad
 from .diagonal import DiagonalFisher
 from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
+from .tensor import TNT, Shampoo
 
 __all__ = [
     "KBFGS",
@@ -17,6 +18,7 @@ __all__ = [
     "KFAC",
     "LOSSES",
     "MOMENTUM_FORMS",
+    "TNT",
     "UNSUPPORTED",
     "Conv2dHandler",
     "Curvature",
@@ -27,6 +29,7 @@ __all__ = [
     "LayerHandler",
     "LinearHandler",
     "Preconditioner",
+    "Shampoo",
     "find_layers",
     "handler_for",
     "register_layer",

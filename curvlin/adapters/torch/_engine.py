@@ -21,6 +21,7 @@ from ...blocks import Block, Driver, LayerBatch, Schedule
 from ...damping import lm_adapt, predicted_change, reduction_ratio
 from ._capture import LayerCapture, check_unsupported, find_layers
 from ._layers import LayerHandler
+from ._params import UNITS, find_params
 from ._sampling import LOSSES, REDUCTIONS, sample_output_grad
 
 __all__ = ["MOMENTUM_FORMS", "Curvature", "CurvatureOptimizer", "Preconditioner"]
@@ -83,6 +84,13 @@ class Curvature:
         The loss (for sampling), how it reduces, and the sampling seed.
     factor_dtype : torch.dtype, optional
     unsupported : {"error", "sgd", "adam"} or callable
+    units : {"layers", "parameters"}
+        ``"layers"``: ``model`` is an ``nn.Module`` whose supported layers are the units
+        (hooks capture their rows). ``"parameters"``: every trainable tensor of ``model`` (a
+        module, or parameters or parameter groups as ``torch.optim`` takes them) is a unit
+        with a :class:`~curvlin.adapters.torch._params.ParamHandler`, fed its gradient
+        (``"grad"``) or its gradient at sampled labels (``"sampled_grad"``, from
+        :meth:`backward_fisher`); no hook is registered and nothing is unsupported.
     """
 
     def __init__(
@@ -100,7 +108,10 @@ class Curvature:
         factor_dtype: torch.dtype | None = None,
         unsupported="error",
         seed: int = 0,
+        units: str = "layers",
     ):
+        if units not in UNITS:
+            raise ValueError(f"{owner}: units must be one of {UNITS}, got {units!r}")
         if fisher not in FISHERS:
             raise ValueError(f"{owner}: fisher must be one of {FISHERS}, got {fisher!r}")
         if fisher == "mc" and loss not in LOSSES:
@@ -119,11 +130,25 @@ class Curvature:
         schedule = Schedule(
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
-        self.owner, self.fisher = owner, fisher
+        self.owner, self.fisher, self.units = owner, fisher, units
         self.loss, self.loss_reduction = loss, loss_reduction
-        self.layers, self.other_params = find_layers(model, unsupported=unsupported, owner=owner)
-        #: Parameter names as in ``model.named_parameters()``, by ``id``, for messages.
-        self.param_names = {id(p): name for name, p in model.named_parameters()}
+        if units == "parameters":
+            self.layers, self.groups = find_params(model, owner=owner)
+            self.other_params = []
+            self.param_names = {id(h.weight): name for name, h in self.layers.items()}
+        else:
+            self.layers, self.other_params = find_layers(
+                model, unsupported=unsupported, owner=owner
+            )
+            #: The curvature parameters' groups (one for layers; the given ones for units).
+            trainable = [p for h in self.layers.values() for p in h.params if p is not None]
+            self.groups = [{"params": [p for p in trainable if p.requires_grad]}]
+            #: Parameter names as in ``model.named_parameters()``, by ``id``, for messages.
+            self.param_names = {id(p): name for name, p in model.named_parameters()}
+        #: Parameter units' gradients at sampled labels, from :meth:`backward_fisher`, and the
+        #: number of examples behind them (1 for a summed loss).
+        self.sampled_grads: dict[str, torch.Tensor] = {}
+        self.sampled_examples = 1
         blocks, states = {}, {}
         for name, handler in self.layers.items():
             block = make_block(name, handler)
@@ -132,7 +157,11 @@ class Curvature:
             blocks[name], states[name] = block, block.init(weight, dtype=dtype)
         self.driver = Driver(blocks, states, schedule=schedule, owner=owner)
         self.needs = self.driver.needs
-        self.capture = LayerCapture(self.layers, root=model)
+        # Parameter units register no hook: an empty capture keeps the same switches.
+        if units == "parameters":
+            self.capture = LayerCapture({})
+        else:
+            self.capture = LayerCapture(self.layers, root=model)
         self.capture.capture_grads = fisher == "empirical"
         self.capture.keep_outputs = {n for n, b in blocks.items() if "outputs" in b.needs}
         self.capture.mean_outputs = {n for n, b in blocks.items() if b.row_means}
@@ -156,6 +185,7 @@ class Curvature:
         """Forget what was recorded; record the next passes only if the next step needs them."""
         self.capture.clear()
         self.input_probes = []
+        self.sampled_grads = {}
         self.capture.root_outputs = False
         self.capture.active = self.driver.stats_due()
 
@@ -168,6 +198,9 @@ class Curvature:
             )
         if not self.capture.active or self.evaluating:
             return  # not a statistics step (or only the loss is wanted): nothing to sample
+        if self.units == "parameters":
+            self._sample_param_grads(output)
+            return
         records = [
             r
             for recs in self.capture.records.values()
@@ -197,6 +230,50 @@ class Curvature:
         for record, grad in zip(records, grads):
             record.grad = grad  # None for a forward pass that did not lead to ``output``
 
+    def _sample_param_grads(self, output: torch.Tensor) -> None:
+        """Each trainable unit's gradient of the loss at sampled labels (batch-mean unless the
+        loss is summed): one extra backward through the graph, which is kept."""
+        names = [n for n, h in self.layers.items() if h.weight.requires_grad]
+        if not output.requires_grad or not names:
+            raise RuntimeError(
+                f"{self.owner}: backward_fisher(): the output does not require grad; run the "
+                "forward pass with gradients enabled"
+            )
+        delta = sample_output_grad(
+            output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
+        )
+        grads = torch.autograd.grad(
+            output,
+            [self.layers[n].weight for n in names],
+            grad_outputs=delta,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        # δ are per-example: their backward is Σ_n ∇ℓ_n; the batch-mean loss's is 1/N of it.
+        n = 1 if self.loss_reduction == "sum" else output.shape[0]
+        self.sampled_grads = {name: g / n for name, g in zip(names, grads) if g is not None}
+        self.sampled_examples = n
+
+    def _param_batches(self) -> dict[str, LayerBatch]:
+        """The parameter units' batches: their gradients (sampled, or ``.grad``)."""
+        sampled, n = self.fisher == "mc", 1
+        if sampled:
+            grads, how = self.sampled_grads, "call opt.backward_fisher(output) after the forward"
+            n = self.sampled_examples
+        else:
+            grads = {name: h.weight.grad for name, h in self.layers.items()}
+            grads = {name: g for name, g in grads.items() if g is not None}
+            how = "call loss.backward()"
+        self.sampled_grads = {}
+        if not grads:
+            raise RuntimeError(
+                f"{self.owner}: no parameter has a gradient on a statistics step: {how} "
+                "before step()"
+            )
+        # n_examples: N for the batch-mean gradient at sampled labels (as a layer's batch
+        # says it); 1 where the engine does not count examples (the ordinary gradient).
+        return {name: LayerBatch(grad=g, n_examples=n) for name, g in grads.items()}
+
     def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks
         are removed: the last curvature then stays in use); ``lazy`` as in :meth:`collect`."""
@@ -214,6 +291,8 @@ class Curvature:
         at a time.
         Raises if a statistics step recorded no layer with its output gradient.
         """
+        if self.units == "parameters":
+            return self._param_batches()
         plan = {}
         # The layer inputs as captured, for the finiteness check of a step whose batches
         # outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
@@ -278,10 +357,14 @@ class Curvature:
         ``evaluate`` (a second pass for the loss alone): nothing is kept and the sampled
         Fisher's extra backward is skipped.
         """
-        params = [p for p in self.all_params() if p.requires_grad] if second else []
+        # Parameter units have no hooks to make layer outputs roots of the backward graph:
+        # their second (evaluation) pass keeps the parameters trainable.
+        frozen = second and self.units == "layers"
+        params = [p for p in self.all_params() if p.requires_grad] if frozen else []
         for p in params:
             p.requires_grad_(False)
         self.capture.clear()
+        self.sampled_grads = {}
         self.capture.root_outputs = second
         self.capture.active = second or self.driver.stats_due()
         self.evaluating = evaluate
@@ -298,7 +381,7 @@ class Curvature:
                 p.requires_grad_(True)
 
     def all_params(self) -> list[nn.Parameter]:
-        out = [p for h in self.layers.values() for p in (h.weight, h.module.bias) if p is not None]
+        out = [p for h in self.layers.values() for p in h.params if p is not None]
         return out + self.other_params
 
     # -- gradients -------------------------------------------------------------------------
@@ -310,7 +393,7 @@ class Curvature:
         """
         grads = {}
         for name, h in self.layers.items():
-            w, b = h.weight, h.module.bias
+            w, b = h.params
             has_bias = self.driver.blocks[name].bias
             gw, gb = w.grad, b.grad if has_bias else None
             if gw is None and gb is None:
@@ -329,6 +412,12 @@ class Curvature:
             return
         self.seen.update(batches)
         for name in grads:
+            if name not in self.seen and self.units == "parameters":
+                raise RuntimeError(
+                    f"{self.owner}: parameter {name!r} has a gradient but no statistics (it does "
+                    "not reach the output handed to backward_fisher()); it would get no update. "
+                    "Freeze it, or leave it to another optimizer"
+                )
             if name not in self.seen:
                 raise RuntimeError(
                     f"{self.owner}: layer {name!r} has a gradient but has never been seen in a "
@@ -476,13 +565,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.adaptive_damping, self.adapt_every = adaptive_damping, adapt_every
         #: ``ρ`` of the last damping adaptation (actual over predicted change), or None.
         self.last_ratio: float | None = None
-        layer_params = [
-            p
-            for h in self._curv.layers.values()
-            for p in (h.weight, h.module.bias)
-            if p is not None and p.requires_grad
-        ]
-        groups = [{"params": layer_params, "curvature": True}]
+        groups = [{**g, "curvature": True} for g in self._curv.groups]
         self._fallback = None
         others = self._curv.other_params
         if others and unsupported != "sgd":
@@ -667,7 +750,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             h = self._curv.layers[name]
             new = [
                 None if g is None else self._momentum(p, g.view_as(p), group_of[id(p)]["momentum"])
-                for p, g in zip((h.weight, h.module.bias), pair)
+                for p, g in zip(h.params, pair)
             ]
             out[name] = (h.weight_grad(new[0]), new[1])
         return out
@@ -707,7 +790,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         each parameter of layer ``name`` with a gradient and a direction."""
         h = self._curv.layers[name]
         bufs = (None, None) if buffers is None else buffers[name]
-        for p, d, g, buf in zip((h.weight, h.module.bias), pair, grads[name], bufs):
+        for p, d, g, buf in zip(h.params, pair, grads[name], bufs):
             if p is None or p.grad is None or d is None:
                 continue
             yield p, d.view_as(p), g.view_as(p), None if buf is None else buf.view_as(p)
@@ -978,7 +1061,7 @@ class Preconditioner:
             second = "second_pass" in curv.needs and batches
             for name, (dw, db) in driver.directions(states, grads):
                 h = curv.layers[name]
-                for p, d in ((h.weight, dw), (h.module.bias, db)):
+                for p, d in zip(h.params, (dw, db)):
                     if p is not None and p.grad is not None and d is not None:
                         p.grad.copy_(d.view_as(p))
             driver.commit(states)

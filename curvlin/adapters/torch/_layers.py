@@ -26,6 +26,11 @@ class LayerHandler:
         return self.module.weight
 
     @property
+    def params(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """``(weight, bias)``, the bias None if the module has none (frozen or not)."""
+        return self.module.weight, self.module.bias
+
+    @property
     def bias(self) -> nn.Parameter | None:
         """The trainable bias, or None (no bias, or a frozen one: then ``ā`` has no 1)."""
         bias = self.module.bias
