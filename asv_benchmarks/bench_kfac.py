@@ -101,7 +101,7 @@ import itertools
 import math
 import time
 
-from .common import backend_or_skip, cached
+from .common import SMOKE, backend_or_skip, cached
 
 #: asv parameter: the device, ``cpu`` always and ``cuda`` where torch can use a GPU.
 DEVICES = ("cpu", "cuda")
@@ -140,12 +140,12 @@ _LR_SGD, _LR_KFAC, _DAMPING, _MOMENTUM = 1e-2, 1e-3, 1e-1, 0.9
 _WARMUP_STEPS = 1
 #: Interleaved rounds (one KFAC step and one SGD step each) for the every-step modes: seven,
 #: as in the numbers of docs/benchmarks.md (three left the minimum a few per cent high).
-_REPEAT_EVERY = 7
+_REPEAT_EVERY = 1 if SMOKE else 7
 #: Window of consecutive steps timed for the amortised modes: a multiple of ``stats_every``,
 #: so it holds the cycle's 9:1 mix of plain and statistics steps.
 _WINDOW_AMORTISED = 10
 #: Repeats of the separately timed inverse refresh.
-_REPEAT_REFRESH = 2
+_REPEAT_REFRESH = 1 if SMOKE else 2
 
 
 def _torch_device(device: str):
@@ -444,17 +444,20 @@ def amortised_step_time(
 
 #: Steps after the warm-up step in a peak-memory run (statistics and refresh every step in
 #: the every-step modes; the amortised modes' window holds plain and statistics steps).
-_PEAK_STEPS = 4
+_PEAK_STEPS = 1 if SMOKE else 4
 
 
-def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int = _PEAK_STEPS):
+def peak_mib(
+    mode: str, device: str, problem: str = "autoencoder", *, steps: int = _PEAK_STEPS, build=None
+):
     """Peak memory in MiB of a fresh run: build the trainer (one warm-up step), ``steps`` more.
 
     On the CPU the process's peak resident set (``VmHWM`` of ``/proc/self/status`` where there
     is one: Linux's ``ru_maxrss`` keeps the parent's peak across ``fork`` and ``exec``, so a
     child of a large benchmark process would report the parent's; else ``ru_maxrss``); on
     CUDA the peak of torch's allocator. Meant to run in a process of its own
-    (:func:`peak_over_sgd_mib`).
+    (:func:`peak_over_sgd_mib`). ``build(mode, device, problem)`` makes the trainer (default
+    :func:`build_trainer`; other benchmark modules pass their own).
     """
     import os
     import re
@@ -463,7 +466,7 @@ def peak_mib(mode: str, device: str, problem: str = "autoencoder", *, steps: int
 
     import torch
 
-    trainer = build_trainer(mode, device, problem)
+    trainer = (build or build_trainer)(mode, device, problem)
     for _ in range(steps):
         trainer.step()
     trainer.check()

@@ -18,9 +18,10 @@ from __future__ import annotations
 import itertools
 import math
 
-from .common import cached
+from .common import SMOKE, cached
 
-_STEPS, _BATCH = 200, 256
+#: Steps of the protocol (a handful in CI's smoke run, which only checks that it runs).
+_STEPS, _BATCH = (5 if SMOKE else 200), 256
 
 #: name -> (optimizer class name, keyword arguments); None: torch.optim.Adam.
 CONFIGS = {

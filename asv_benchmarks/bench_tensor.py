@@ -116,26 +116,7 @@ def build_trainer(mode: str, device: str):
 
 def peak_mib(mode: str, device: str, problem: str = "autoencoder") -> float:
     """As :func:`bench_kfac.peak_mib`, for this module's modes (run in a process of its own)."""
-    import os
-    import re
-    import resource
-    import sys
-
-    import torch
-
-    trainer = build_trainer(mode, device)
-    for _ in range(4):
-        trainer.step()
-    trainer.check()
-    if trainer.x.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(trainer.x.device) / 2**20
-    if os.path.exists("/proc/self/status"):  # VmHWM: see bench_kfac.peak_mib
-        with open("/proc/self/status") as f:
-            found = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
-        if found:
-            return int(found.group(1)) / 2**10
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return bench_kfac.peak_mib(mode, device, problem, build=lambda m, d, _: build_trainer(m, d))
 
 
 def ratio_to_sgd(mode: str, device: str = "cpu", trainer=None) -> float:

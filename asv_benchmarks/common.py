@@ -34,9 +34,14 @@ from typing import ClassVar
 
 import numpy as np
 
+#: ``CURVLIN_ASV_SMOKE=1`` (CI's dry run, which only checks that every benchmark runs): the
+#: tracks that repeat work internally (interleaved ratios, peak-memory windows) do it once.
+SMOKE = os.environ.get("CURVLIN_ASV_SMOKE", "") == "1"
+
 __all__ = [
     "BACKENDS",
     "DTYPES",
+    "SMOKE",
     "XPBenchmark",
     "backend_or_skip",
     "cached",
