@@ -16,6 +16,17 @@ from .kron import (
     pi_damping,
 )
 from .linalg import spd_inverse, spd_inverse_root, spd_solve
+from .miniblock import (
+    BlockGroup,
+    Partition,
+    block_apply,
+    block_inverse,
+    block_statistics,
+    conv_kernel_blocks,
+    gradient_statistics,
+    tiled_blocks,
+    unit_blocks,
+)
 from .quasi_newton import (
     LBFGSState,
     bfgs_inverse_update,
@@ -32,12 +43,19 @@ from .quasi_newton import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BlockGroup",
     "KronFactorization",
     "LBFGSState",
     "LinAlgError",
+    "Partition",
     "__version__",
     "bfgs_inverse_update",
+    "block_apply",
+    "block_inverse",
+    "block_statistics",
+    "conv_kernel_blocks",
     "double_damping",
+    "gradient_statistics",
     "hessian_action_update",
     "hessian_action_update_minibatch",
     "kron_apply",
@@ -56,4 +74,6 @@ __all__ = [
     "spd_inverse",
     "spd_inverse_root",
     "spd_solve",
+    "tiled_blocks",
+    "unit_blocks",
 ]
