@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, DiagonalFisher
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, DiagonalFisher
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ METHODS = [
         DiagonalFisher,
         {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3},
     ),
+    Method("mbf", MBF, {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3}),
 ]
 
 

@@ -66,6 +66,11 @@ class LayerBatch:
     grad_scale : float
         The factor that makes ``output_grads`` per-example. Blocks apply it to the statistics
         they compute (a Gram matrix's scale, a mean), never to every row: one pass fewer.
+    examples : int or None
+        How many examples the rows come from, whatever the loss's reduction: the rows are
+        example-major, each example's ``R / examples`` rows contiguous (a convolution's
+        positions, a sequence's tokens), for blocks that form per-example gradients. None
+        when unknown: then ``n_examples``.
     """
 
     inputs: Array | None = None
@@ -73,6 +78,7 @@ class LayerBatch:
     output_grads: Array | None = None
     n_examples: int = 1
     grad_scale: float = 1.0
+    examples: int | None = None
 
     def arrays(self) -> list[Array]:
         """The arrays that are set (for a finiteness check)."""

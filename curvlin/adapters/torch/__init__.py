@@ -10,12 +10,14 @@ from ._sampling import LOSSES, sample_output_grad
 from .diagonal import DiagonalFisher
 from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
+from .mbf import MBF
 
 __all__ = [
     "KBFGS",
     "KBFGSL",
     "KFAC",
     "LOSSES",
+    "MBF",
     "MOMENTUM_FORMS",
     "UNSUPPORTED",
     "Conv2dHandler",

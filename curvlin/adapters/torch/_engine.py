@@ -230,7 +230,8 @@ class Curvature:
             records = plan[name]
             handler, block = self.layers[name], self.driver.blocks[name]
             needs = block.needs
-            n = examples or sum(handler.n_examples(r.input) for r in records)
+            rows_of = sum(handler.n_examples(r.input) for r in records)  # each record's rows
+            n = examples or rows_of
             mean = self.loss_reduction != "sum"
             # Blocks that only average outputs over rows get them without a copy where the
             # layout allows; several calls of one layer are concatenated as rows.
@@ -250,6 +251,7 @@ class Curvature:
                 n_examples=n if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
+                examples=rows_of,
             )
 
         self.capture.clear()
