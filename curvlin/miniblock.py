@@ -360,7 +360,7 @@ def block_statistics(
     >>> from curvlin import block_statistics, unit_blocks
     >>> a = np.array([[1.0, 2.0, 1.0], [0.0, 1.0, 1.0]])  # two examples, the 1 last
     >>> d = np.array([[1.0], [2.0]])
-    >>> block_statistics(unit_blocks(1, 2), a, d, examples=2)[0]
+    >>> block_statistics(unit_blocks(1, 2), a, d, examples=2)[0][0]  # Σ_n δ² ā āᵀ / N, unit 0
     array([[0.5, 1. , 0.5],
            [1. , 4. , 3. ],
            [0.5, 3. , 2.5]])
@@ -374,17 +374,7 @@ def block_statistics(
     if t == 1 and partition._all_tiles:
         g2 = xp.reshape(output_grads, (n, d_out))
         g2 = g2 * g2
-        out = []
-        for g in partition.groups:
-            start, size, count = g.tiles
-            total = None
-            for lo, hi in _chunks(n, count * size * size):
-                a = xp.reshape(inputs[lo:hi, start : start + size * count], (hi - lo, count, size))
-                outer = xp.reshape(a[:, :, :, None] * a[:, :, None, :], (hi - lo, -1))
-                part = xp.matrix_transpose(g2[lo:hi, :]) @ outer
-                total = part if total is None else total + part
-            out.append(xp.reshape(total, (d_out * count, size, size)) * w)
-        return tuple(out)
+        return tuple(_tile_statistics(xp, g, inputs, g2, w) for g in partition.groups)
     # per-example gradients γ_n = δ_nᵀ ā_n, one batched product per chunk of examples
     delta = xp.reshape(output_grads, (n, t, d_out))
     rows = xp.reshape(inputs, (n, t, d_a))
@@ -394,6 +384,25 @@ def block_statistics(
         part = gradient_statistics(partition, grads, weight=w)
         total = part if total is None else tuple(x + y for x, y in zip(total, part))
     return total
+
+
+def _tile_statistics(xp, group: BlockGroup, inputs: Array, g2: Array, w: float) -> Array:
+    """``w Σ_n δ_no² ā_n[s] ā_n[s]ᵀ`` for every tile ``s`` of every row ``o`` of one group:
+    one matrix product of the squared output gradients with the rows' outer products.
+
+    (Multiplying only the upper triangles would halve the product's flops, but gathering
+    them costs more than it saves: measured with torch on one core, 1.0 s for the gather
+    against 0.45 s for the half of the product it saves.)
+    """
+    start, size, count = group.tiles
+    n, d_out = g2.shape
+    total = None
+    for lo, hi in _chunks(n, count * size * size):
+        a = xp.reshape(inputs[lo:hi, start : start + size * count], (hi - lo, count, size))
+        outer = xp.reshape(a[:, :, :, None] * a[:, :, None, :], (hi - lo, -1))
+        part = xp.matrix_transpose(g2[lo:hi, :]) @ outer
+        total = part if total is None else total + part
+    return xp.reshape(total, (d_out * count, size, size)) * w
 
 
 def gradient_statistics(
