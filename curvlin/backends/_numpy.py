@@ -68,9 +68,12 @@ class NumPyBackend(Backend):
         return cho_solve((factor, True), b, check_finite=False)
 
     def cholesky_inverse(self, factor, /):
-        inverse, _ = _lapack_stack("potri", factor)
-        # potri writes the lower triangle; mirror it for an exactly symmetric result
-        return np.tril(inverse) + np.swapaxes(np.tril(inverse, -1), -1, -2)
+        inverse, _ = _lapack_stack("potri", np.tril(factor))
+        # potri writes the lower triangle and leaves the (zero) upper one: mirror it, and halve
+        # the doubled diagonal, for an exactly symmetric result
+        inverse = inverse + np.swapaxes(inverse, -1, -2)
+        np.einsum("...ii->...i", inverse)[...] *= 0.5
+        return inverse
 
     def gram(self, x, /, *, scale=1.0):
         # NumPy's matmul recognises ``x.T @ x`` (one buffer, transposed) and calls BLAS
