@@ -9,7 +9,8 @@ after 200 steps (initial loss 11.4). Each optimizer runs at the best point of th
 grid of docs/benchmarks.md (``*-best``), with ``adaptive_damping=True`` from damping 0.1 at the
 best of lr ∈ {0.1, 0.01, 0.001} (``*-adaptive``), or as the first-order baseline.
 Goals (never asserted): KFAC <= 0.40 (ASDL's KFAC: 0.43), K-BFGS and K-BFGS(L) <= 0.65 (half
-of Adam's 1.31); the adaptive runs within 1.5× of their ``-best``.
+of Adam's 1.31), MBF <= 0.6 (``mbf-default``: the front's defaults; ``mbf-best``: the best
+point of docs/mbf.md's grid); the adaptive runs within 1.5× of their ``-best``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ CONFIGS = {
     "kbfgs-adaptive": ("KBFGS", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
     "kbfgsl-best": ("KBFGSL", {"lr": 0.3, "damping": 0.1}),
     "kbfgsl-adaptive": ("KBFGSL", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
+    "mbf-default": ("MBF", {}),
+    "mbf-best": ("MBF", {"lr": 1e-3, "damping": 1e-4}),
     "adam-1e-2": (None, {"lr": 1e-2}),
 }
 
