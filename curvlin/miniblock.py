@@ -280,7 +280,7 @@ def tiled_blocks(d_out: int, d_in: int, *, bias: bool = True, max_size: int = 64
 # -- statistics ---------------------------------------------------------------------------
 
 
-def _check_rows(partition, inputs, output_grads, examples, func):
+def _check_rows(partition, inputs, output_grads, examples, func, *, bias=False):
     if not isinstance(partition, Partition):
         raise TypeError(f"{func}: partition must be a Partition, got {type(partition).__name__}")
     backend = namespace_of(("inputs", inputs), ("output_grads", output_grads), func=func)
@@ -288,10 +288,11 @@ def _check_rows(partition, inputs, output_grads, examples, func):
         raise ValueError(f"{func}: examples must be a positive int, got {examples!r}")
     d_out, d_a = partition.d_out, partition.d_a
     rows = inputs.shape[0] if inputs.ndim == 2 else -1
-    if inputs.ndim != 2 or inputs.shape[1] != d_a or output_grads.shape[-1] != d_out:
+    cols = d_a - int(bias)
+    if inputs.ndim != 2 or inputs.shape[1] != cols or output_grads.shape[-1] != d_out:
         raise ValueError(
-            f"{func}: expected inputs (R, {d_a}) (with the bias's 1) and output_grads "
-            f"(R, {d_out}) or (N, T, {d_out}), got {tuple(inputs.shape)} and "
+            f"{func}: expected inputs (R, {cols}) ({'without' if bias else 'with'} the bias's "
+            f"1) and output_grads (R, {d_out}) or (N, T, {d_out}), got {tuple(inputs.shape)} and "
             f"{tuple(output_grads.shape)}"
         )
     if math.prod(output_grads.shape[:-1]) != rows or rows % examples:
@@ -321,6 +322,7 @@ def block_statistics(
     *,
     examples: int,
     weight: float | None = None,
+    bias: bool = False,
 ) -> tuple[Array, ...]:
     """Each group's stack ``w · Σ_n γ_n[I_β] γ_n[I_β]ᵀ`` from a layer's rows.
 
@@ -339,6 +341,10 @@ def block_statistics(
         The number of examples ``N`` the rows come from.
     weight : float, optional
         ``w``; default ``1 / examples`` (the mean over examples).
+    bias : bool
+        True: ``inputs`` are ``(R, d_a − 1)`` without the 1, and the last column of ``W̄`` is
+        the bias (its per-example gradient ``Σ_t δ_{n,t}``); the rows are then never copied
+        to append the 1 when there are several per example.
 
     Returns
     -------
@@ -366,21 +372,28 @@ def block_statistics(
            [0.5, 3. , 2.5]])
     """
     func = "block_statistics"
-    backend = _check_rows(partition, inputs, output_grads, examples, func)
+    if not isinstance(bias, bool):
+        raise TypeError(f"{func}: bias must be a bool, got {bias!r}")
+    backend = _check_rows(partition, inputs, output_grads, examples, func, bias=bias)
     xp = backend.xp
     w = _weight(weight, examples)
     n, d_out, d_a = examples, partition.d_out, partition.d_a
     t = inputs.shape[0] // n
     if t == 1 and partition._all_tiles:
+        if bias:  # one row per example: appending the 1 copies no more than the rows
+            ones = xp.ones((inputs.shape[0], 1), dtype=inputs.dtype, device=_device(inputs))
+            inputs = xp.concat([inputs, ones], axis=1)
         g2 = xp.reshape(output_grads, (n, d_out))
         g2 = g2 * g2
         return tuple(_tile_statistics(xp, g, inputs, g2, w) for g in partition.groups)
     # per-example gradients γ_n = δ_nᵀ ā_n, one batched product per chunk of examples
     delta = xp.reshape(output_grads, (n, t, d_out))
-    rows = xp.reshape(inputs, (n, t, d_a))
+    rows = xp.reshape(inputs, (n, t, inputs.shape[1]))
     total = None
     for lo, hi in _chunks(n, d_out * d_a):
         grads = xp.matrix_transpose(delta[lo:hi, ...]) @ rows[lo:hi, ...]
+        if bias:  # the bias column: Σ_t δ_{n,t}
+            grads = xp.concat([grads, xp.sum(delta[lo:hi, ...], axis=1)[:, :, None]], axis=2)
         part = gradient_statistics(partition, grads, weight=w)
         total = part if total is None else tuple(x + y for x, y in zip(total, part))
     return total

@@ -93,6 +93,17 @@ def test_statistics_are_diagonal_blocks_of_dense_empirical_fisher(name, t, xp, t
         np.testing.assert_allclose(to_np(b), 2 * n * to_np(a), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["conv", "unit", "shuffled"])
+@pytest.mark.parametrize("t", [1, 4], ids=["rows1", "rows4"])
+def test_implicit_bias_column_equals_explicit_one(name, t, xp, to_xp, to_np, rng):
+    p = _partitions()[name]
+    x, delta = _rows(rng, 3, t, p.d_out, p.d_a)
+    explicit = block_statistics(p, to_xp(x), to_xp(delta), examples=3)
+    implicit = block_statistics(p, to_xp(x[:, :-1]), to_xp(delta), examples=3, bias=True)
+    for a, b in zip(explicit, implicit):
+        np.testing.assert_allclose(to_np(b), to_np(a), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["conv", "unit", "tiled", "diagonal"])
 def test_fast_contraction_equals_brute_force(name, xp, to_xp, to_np, rng):
     """Row tiles with one row per example (no per-example gradient) = the index-map path."""
@@ -244,6 +255,8 @@ def test_functions_reject_bad_arguments(xp, to_xp):
     x, d = to_xp(np.ones((4, 4))), to_xp(np.ones((4, 2)))
     with pytest.raises(ValueError, match="expected inputs"):
         block_statistics(p, to_xp(np.ones((4, 3))), d, examples=4)
+    with pytest.raises(ValueError, match=r"expected inputs \(R, 3\) \(without"):
+        block_statistics(p, x, d, examples=4, bias=True)
     with pytest.raises(ValueError, match="multiple of examples=3"):
         block_statistics(p, x, d, examples=3)
     with pytest.raises(ValueError, match="examples must be a positive int"):

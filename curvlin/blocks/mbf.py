@@ -29,7 +29,7 @@ from array_api_compat import device as _device
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..miniblock import Partition, block_apply, block_inverse, block_statistics
-from .base import Block, BlockState, LayerBatch, homogeneous
+from .base import Block, BlockState, LayerBatch
 
 __all__ = ["MBFBlock", "MBFState"]
 
@@ -166,10 +166,11 @@ class MBFBlock(Block):
             raise ValueError(f"{func}: n_examples must be a positive int, got {n!r}")
         examples = n if batch.examples is None else batch.examples
         dtype = state.blocks[0].dtype
-        a = homogeneous(xp.astype(a, dtype, copy=False), bias=self.bias)
+        a = xp.astype(a, dtype, copy=False)
         g = xp.astype(g, dtype, copy=False)
+        weight = batch.grad_scale**2 / n
         stats = block_statistics(
-            self.partition, a, g, examples=examples, weight=batch.grad_scale**2 / n
+            self.partition, a, g, examples=examples, weight=weight, bias=self.bias
         )
         return {f"m{i}": m for i, m in enumerate(stats)}
 
