@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import PROPERTY
+from hypothesis import given
+from hypothesis import strategies as st
 
 import curvlin.miniblock as mb
 from curvlin import (
@@ -275,3 +278,34 @@ def test_functions_reject_bad_arguments(xp, to_xp):
         block_apply(p, [to_xp(np.ones((2, 4, 4)))], to_xp(np.ones((4, 2))))
     with pytest.raises(ValueError, match="matrices must have shapes"):
         block_apply(p, [to_xp(np.ones((2, 3, 3)))], to_xp(np.ones((2, 4))))
+
+
+@PROPERTY
+@given(
+    d_out=st.integers(1, 4),
+    d_a=st.integers(1, 6),
+    size=st.integers(1, 5),
+    rows=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_random_partitions_match_dense_references(d_out, d_a, size, rows, seed, xp, to_xp, to_np):
+    """Any partition (a random permutation cut into blocks of ``size`` and a remainder):
+    statistics = dense EF blocks, and the batched solve = the dense block-diagonal solve."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(d_out * d_a)
+    cut = (len(perm) // size) * size
+    maps = [perm[:cut].reshape(-1, size)] if cut else []
+    maps += [perm[cut:][None, :]] if cut < len(perm) else []
+    p = Partition.from_index(d_out, d_a, *maps)
+    n = 4
+    x, delta = _rows(rng, n, rows, d_out, d_a)
+    grads = _per_example(x, delta, n).reshape(n, -1)
+    fisher = grads.T @ grads / n
+    stats = block_statistics(p, to_xp(x), to_xp(delta), examples=n)
+    for g, stack in zip(p.groups, stats):
+        want = np.stack([fisher[np.ix_(i, i)] for i in g.index])
+        np.testing.assert_allclose(to_np(stack), want, rtol=1e-10, atol=1e-12)
+    grad = rng.standard_normal((d_out, d_a))
+    got = to_np(block_apply(p, block_inverse(stats, damping=0.1), to_xp(grad))).reshape(-1)
+    dense = _dense_blockdiag(p, [to_np(m) for m in stats]) + 0.1 * np.eye(grad.size)
+    np.testing.assert_allclose(got, np.linalg.solve(dense, grad.reshape(-1)), rtol=1e-9)
