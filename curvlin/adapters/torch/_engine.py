@@ -230,7 +230,7 @@ class Curvature:
             records = plan[name]
             handler, block = self.layers[name], self.driver.blocks[name]
             needs = block.needs
-            rows_of = sum(handler.n_examples(r.input) for r in records)  # each record's rows
+            rows_of = sum(handler.n_examples(r.input) for r in records)  # whatever the reduction
             n = examples or rows_of
             mean = self.loss_reduction != "sum"
             # Blocks that only average outputs over rows get them without a copy where the
