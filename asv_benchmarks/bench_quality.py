@@ -10,7 +10,8 @@ grid of docs/benchmarks.md (``*-best``), with ``adaptive_damping=True`` from dam
 best of lr ∈ {0.1, 0.01, 0.001} (``*-adaptive``), or as the first-order baseline.
 Goals (never asserted): KFAC <= 0.40 (ASDL's KFAC: 0.43), K-BFGS and K-BFGS(L) <= 0.65 (half
 of Adam's 1.31); the adaptive runs within 1.5× of their ``-best``; TNT and Shampoo <= 0.5
-(docs/tnt_shampoo.md).
+(docs/tnt_shampoo.md); MBF <= 0.6 (``mbf-default``: the front's defaults; ``mbf-best``: the
+best point of docs/mbf.md's grid).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ CONFIGS = {
     "kbfgsl-adaptive": ("KBFGSL", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
     "tnt-best": ("TNT", {"lr": 0.03, "damping": 0.1, "loss": "mse", "loss_reduction": "batchmean"}),
     "shampoo-best": ("Shampoo", {"lr": 0.01, "damping": 1e-3}),
+    "mbf-default": ("MBF", {}),
+    "mbf-best": ("MBF", {"lr": 1e-3, "damping": 1e-4}),
     "adam-1e-2": (None, {"lr": 1e-2}),
 }
 

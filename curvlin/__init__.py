@@ -16,6 +16,17 @@ from .kron import (
     pi_damping,
 )
 from .linalg import spd_inverse, spd_inverse_root, spd_solve
+from .miniblock import (
+    BlockGroup,
+    Partition,
+    block_apply,
+    block_inverse,
+    block_statistics,
+    conv_kernel_blocks,
+    gradient_statistics,
+    tiled_blocks,
+    unit_blocks,
+)
 from .quasi_newton import (
     LBFGSState,
     bfgs_inverse_update,
@@ -33,12 +44,19 @@ from .tensor_normal import mode_covariances, mode_factorize, mode_solve, trace_n
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BlockGroup",
     "KronFactorization",
     "LBFGSState",
     "LinAlgError",
+    "Partition",
     "__version__",
     "bfgs_inverse_update",
+    "block_apply",
+    "block_inverse",
+    "block_statistics",
+    "conv_kernel_blocks",
     "double_damping",
+    "gradient_statistics",
     "hessian_action_update",
     "hessian_action_update_minibatch",
     "kron_apply",
@@ -60,5 +78,7 @@ __all__ = [
     "spd_inverse",
     "spd_inverse_root",
     "spd_solve",
+    "tiled_blocks",
     "trace_normalize",
+    "unit_blocks",
 ]

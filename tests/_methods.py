@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, TNT, DiagonalFisher, Shampoo
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, TNT, DiagonalFisher, Shampoo
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ METHODS = [
         per_parameter=True,
         adaptive=False,
     ),
+    Method("mbf", MBF, {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3}),
 ]
 
 

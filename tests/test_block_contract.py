@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from _helpers import dense_kron, reference_pi_dampings
 
+from curvlin import tiled_blocks
 from curvlin.blocks import (
     DiagonalFisherBlock,
     Driver,
@@ -26,6 +27,7 @@ from curvlin.blocks import (
     KBFGSLBlock,
     KFACBlock,
     LayerBatch,
+    MBFBlock,
     Schedule,
     homogeneous_gram,
 )
@@ -66,6 +68,22 @@ def _diagonal_reference(x, delta, n, grad, bias):
     return grad / (fisher + DAMPING)
 
 
+def _mbf_reference(x, delta, n, grad, bias):
+    """First step: the diagonal blocks (rows tiled by 2) of the dense empirical Fisher
+    ``(1/N) Σ_n vec(δ_n ā_nᵀ) vec(δ_n ā_nᵀ)ᵀ``, each solved with ``+ λI``."""
+    xb = _xbar(x, bias)
+    grads = np.stack([np.outer(d, a).reshape(-1) for d, a in zip(delta, xb)])
+    fisher = grads.T @ grads / n
+    d_a = xb.shape[1]
+    out = np.empty(grad.size)
+    for o in range(grad.shape[0]):
+        for lo in range(0, d_a, 2):
+            idx = o * d_a + np.arange(lo, min(lo + 2, d_a))
+            block = fisher[np.ix_(idx, idx)] + DAMPING * np.eye(len(idx))
+            out[idx] = np.linalg.solve(block, grad.reshape(-1)[idx])
+    return out.reshape(grad.shape)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -87,6 +105,11 @@ BLOCKS = [
     ),
     Case("kbfgsl", lambda o, i, b: KBFGSLBlock(o, i, bias=b, memory=3), _kbfgs_reference),
     Case("diagonal", lambda o, i, b: DiagonalFisherBlock(o, i, bias=b), _diagonal_reference),
+    Case(
+        "mbf",
+        lambda o, i, b: MBFBlock(o, i, bias=b, partition=tiled_blocks(o, i, bias=b, max_size=2)),
+        _mbf_reference,
+    ),
 ]
 
 

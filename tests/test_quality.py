@@ -20,7 +20,7 @@ from _helpers import require_test_dep
 from _torch_models import one_thread
 from torch import nn
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, TNT, Shampoo
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, TNT, Shampoo
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,9 @@ def adam_best(digits):
             0.600,
         ),
         ("Shampoo", lambda m: Shampoo(m, lr=0.01, damping=1e-3), 0.878),
+        ("MBF", lambda m: MBF(m), 0.982),
     ],
-    ids=["KFAC", "K-BFGS", "K-BFGS(L)", "TNT", "Shampoo"],
+    ids=["KFAC", "K-BFGS", "K-BFGS(L)", "TNT", "Shampoo", "MBF"],
 )
 def test_second_order_beats_tuned_adam_on_digits(digits, adam_best, name, make, measured):
     loss = _run(digits, make)

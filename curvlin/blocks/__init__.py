@@ -13,6 +13,7 @@ from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kernel import KernelBlock, LinearKernelBlock, kernel_solve
 from .kfac import KFACBlock, KFACState
+from .mbf import MBFBlock, MBFState
 from .tensor import (
     CONV_RESHAPES,
     GRAFTS,
@@ -42,6 +43,8 @@ __all__ = [
     "KernelBlock",
     "LayerBatch",
     "LinearKernelBlock",
+    "MBFBlock",
+    "MBFState",
     "Schedule",
     "ShampooBlock",
     "TNTBlock",

@@ -74,6 +74,11 @@ class LayerBatch:
         parameter, at the true or at sampled labels. No rows; ``n_examples`` is then the
         batch size behind a batch-mean gradient where the adapter knows it (the sampled
         one), else 1.
+    examples : int or None
+        How many examples the rows come from, whatever the loss's reduction: the rows are
+        example-major, each example's ``R / examples`` rows contiguous (a convolution's
+        positions, a sequence's tokens), for blocks that form per-example gradients. None
+        when unknown: then ``n_examples``.
     """
 
     inputs: Array | None = None
@@ -82,6 +87,7 @@ class LayerBatch:
     n_examples: int = 1
     grad_scale: float = 1.0
     grad: Array | None = None
+    examples: int | None = None
 
     def arrays(self) -> list[Array]:
         """The arrays that are set (for a finiteness check)."""

@@ -10,6 +10,7 @@ from ._sampling import LOSSES, sample_output_grad
 from .diagonal import DiagonalFisher
 from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
+from .mbf import MBF
 from .tensor import TNT, Shampoo
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "KBFGSL",
     "KFAC",
     "LOSSES",
+    "MBF",
     "MOMENTUM_FORMS",
     "TNT",
     "UNSUPPORTED",

@@ -320,7 +320,8 @@ class Curvature:
             records = plan[name]
             handler, block = self.layers[name], self.driver.blocks[name]
             needs = block.needs
-            n = examples or sum(handler.n_examples(r.input) for r in records)
+            rows_of = sum(handler.n_examples(r.input) for r in records)  # whatever the reduction
+            n = examples or rows_of
             mean = self.loss_reduction != "sum"
             if records[0].rows is not None:  # means over rows, from the hooks
                 rows = lambda values: _weighted_mean(values, [r.rows for r in records])  # noqa: E731
@@ -335,6 +336,7 @@ class Curvature:
                 n_examples=n if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
+                examples=rows_of,
             )
 
         self.capture.clear()
