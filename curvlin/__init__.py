@@ -16,6 +16,7 @@ from .kron import (
     pi_damping,
 )
 from .linalg import spd_inverse, spd_inverse_root, spd_solve
+from .losses import output_hessian_sqrt
 from .quasi_newton import (
     LBFGSState,
     bfgs_inverse_update,
@@ -28,6 +29,16 @@ from .quasi_newton import (
     lm_damping,
     powell_damping,
 )
+from .woodbury import (
+    LinearTerms,
+    linear_gram,
+    linear_jvp,
+    linear_terms,
+    linear_vjp,
+    patch_gram,
+    woodbury_coefficients,
+    woodbury_solve,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -35,6 +46,7 @@ __all__ = [
     "KronFactorization",
     "LBFGSState",
     "LinAlgError",
+    "LinearTerms",
     "__version__",
     "bfgs_inverse_update",
     "double_damping",
@@ -47,8 +59,14 @@ __all__ = [
     "lbfgs_apply",
     "lbfgs_init",
     "lbfgs_push",
+    "linear_gram",
+    "linear_jvp",
+    "linear_terms",
+    "linear_vjp",
     "lm_adapt",
     "lm_damping",
+    "output_hessian_sqrt",
+    "patch_gram",
     "pi_damping",
     "powell_damping",
     "predicted_change",
@@ -56,4 +74,6 @@ __all__ = [
     "spd_inverse",
     "spd_inverse_root",
     "spd_solve",
+    "woodbury_coefficients",
+    "woodbury_solve",
 ]
