@@ -75,7 +75,10 @@ def digits_loss_after(config: str, steps: int = _STEPS) -> float:
 
         def closure(batch=batch):
             opt.zero_grad()
-            loss = loss_of(model(batch), batch)
+            out = model(batch)
+            if getattr(opt, "fisher", "empirical") != "empirical":
+                opt.backward_fisher(out)  # sampled Fisher or Gauss–Newton directions
+            loss = loss_of(out, batch)
             loss.backward()
             return loss
 

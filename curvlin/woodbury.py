@@ -174,6 +174,11 @@ class LinearTerms:
         self.method = method
 
     @property
+    def dtype(self):
+        """The dtype of the rows, and of every result."""
+        return self._a.dtype
+
+    @property
     def shape(self) -> tuple[int, int]:
         """``(d_out, d_a)``: the shape of ``W̄`` and of the ``v`` of :meth:`jvp`."""
         return self._d.shape[-1], self._a.shape[-1] + int(self.bias)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, DiagonalFisher
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, SMWGN, SMWNG, DiagonalFisher
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class Method:
     build: Callable
     defaults: dict
     sampled: bool = False  # the closure calls opt.backward_fisher(output)
+    #: A damping too small for the step (the adaptive-damping suite starts from it, lr 1,
+    #: momentum 0.9). A sampled Fisher of rank m < P (SMW-NG) steps by ‖M_⊥‖/λ off its span,
+    #: so on the 8-example problem lr 1 diverges (to inf, skipped steps) from any λ ≤ 0.1.
+    tiny_damping: float = 1e-6
 
     def make(self, model, **overrides):
         return self.build(model, **{**self.defaults, **overrides})
@@ -65,6 +69,17 @@ METHODS = [
         "diagonal",
         DiagonalFisher,
         {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3},
+    ),
+    Method(
+        "smw-ng",
+        SMWNG,
+        {**_COMMON, "damping": 0.1, "loss": "mse", "subsample": 5},
+        sampled=True,
+        tiny_damping=1.0,
+    ),
+    Method("smw-ng-ef", SMWNG, {**_COMMON, "damping": 0.1, "fisher": "empirical"}),
+    Method(
+        "smw-gn", SMWGN, {**_COMMON, "damping": 0.1, "loss": "mse", "subsample": 5}, sampled=True
     ),
 ]
 

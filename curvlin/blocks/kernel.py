@@ -160,6 +160,8 @@ class LinearKernelBlock(KernelBlock):
             )
         xp = get_backend(a).xp
         t = rows // m
+        if xp.finfo(a.dtype).bits < 32:  # half precision: the kernel and its solve in float32
+            a, d = xp.astype(a, xp.float32), xp.astype(d, xp.float32)
         d = d * batch.grad_scale if batch.grad_scale != 1.0 else d
         lead = tuple(d.shape[:-2])
         return linear_terms(
@@ -183,7 +185,8 @@ def kernel_solve(parts, /, *, damping) -> list[Array]:
     Returns
     -------
     list of arrays
-        The direction of each layer, shaped like its ``g_l``.
+        The direction of each layer, shaped like its ``g_l``, in the dtype of the kernel (that
+        of the rows; float32 for half-precision rows).
 
     Examples
     --------
@@ -209,8 +212,10 @@ def kernel_solve(parts, /, *, damping) -> list[Array]:
         raise ValueError(
             "kernel_solve: every layer's batch must hold the same examples (and output directions)"
         )
+    xp = get_backend(parts[0][2]).xp
+    grads = [xp.astype(g, t.dtype, copy=False) for t, (_, _, g) in zip(terms, parts)]
     kernel = sum(t.kernel() for t in terms)
-    rhs = sum(t.jvp(g) for t, (_, _, g) in zip(terms, parts))
+    rhs = sum(t.jvp(g) for t, g in zip(terms, grads))
     c = woodbury_coefficients(kernel, rhs, damping=damping, n_examples=m)
     lam = float(damping)
-    return [(g - t.vjp(c)) / lam for t, (_, _, g) in zip(terms, parts)]
+    return [(g - t.vjp(c)) / lam for t, g in zip(terms, grads)]

@@ -10,6 +10,7 @@ from ._sampling import LOSSES, sample_output_grad
 from .diagonal import DiagonalFisher
 from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
+from .smw import SMWGN, SMWNG
 
 __all__ = [
     "KBFGS",
@@ -17,6 +18,8 @@ __all__ = [
     "KFAC",
     "LOSSES",
     "MOMENTUM_FORMS",
+    "SMWGN",
+    "SMWNG",
     "UNSUPPORTED",
     "Conv2dHandler",
     "Curvature",

@@ -11,6 +11,7 @@ A front only says which block each layer gets.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ...blocks import Block, Driver, LayerBatch, Schedule
 from ...damping import lm_adapt, predicted_change, reduction_ratio
+from ...losses import output_hessian_sqrt
 from ._capture import LayerCapture, check_unsupported, find_layers
 from ._layers import LayerHandler
 from ._sampling import LOSSES, REDUCTIONS, sample_output_grad
@@ -29,7 +31,10 @@ __all__ = ["MOMENTUM_FORMS", "Curvature", "CurvatureOptimizer", "Preconditioner"
 #: ``v ← μ v + P(g)``, ``θ ← θ − lr·v`` on the preconditioned direction (torch's SGD applied to
 #: ``P(g)``). Both are torch's heavy-ball accumulation; they differ in where ``P`` acts.
 MOMENTUM_FORMS = ("gradient", "direction")
-FISHERS = ("empirical", "mc")
+#: Where output gradients come from: the ordinary backward (``"empirical"``), sampled targets
+#: (``"mc"``), or the columns of the output-Hessian square root (``"ggn"``, exact Gauss–Newton:
+#: ``k`` output directions per example, for blocks with ``output_directions``).
+FISHERS = ("empirical", "mc", "ggn")
 
 #: The ``"curvlin"`` entry's layout version in every state_dict.
 STATE_FORMAT = 1
@@ -76,11 +81,16 @@ class Curvature:
         The front's name, for messages and checkpoints.
     stats_every, refresh_every, check_every
         The :class:`~curvlin.blocks.Schedule`.
-    fisher : {"empirical", "mc"}
-        Where output gradients come from: the ordinary ``loss.backward()``, or the sampled
-        Fisher's extra backward (:meth:`backward_fisher`).
+    fisher : {"empirical", "mc", "ggn"}
+        Where output gradients come from: the ordinary ``loss.backward()``, the sampled
+        Fisher's extra backward, or (``"ggn"``, for blocks with ``output_directions``) one
+        batched backward of the columns of the output-Hessian square root, the exact
+        Gauss–Newton's ``k`` output directions per example (both :meth:`backward_fisher`).
     loss, loss_reduction, seed
-        The loss (for sampling), how it reduces, and the sampling seed.
+        The loss (for sampling and the output Hessian), how it reduces, and the sampling seed.
+    subsample : int, optional
+        Hand the blocks only the first ``subsample`` examples of each batch (the curvature's
+        subsample; the gradient stays the whole batch's). None: every example.
     factor_dtype : torch.dtype, optional
     unsupported : {"error", "sgd", "adam"} or callable
     """
@@ -100,11 +110,25 @@ class Curvature:
         factor_dtype: torch.dtype | None = None,
         unsupported="error",
         seed: int = 0,
+        subsample: int | None = None,
     ):
         if fisher not in FISHERS:
             raise ValueError(f"{owner}: fisher must be one of {FISHERS}, got {fisher!r}")
-        if fisher == "mc" and loss not in LOSSES:
-            raise ValueError(f"{owner}: fisher='mc' needs loss, one of {LOSSES}; got {loss!r}")
+        if fisher != "empirical" and loss not in LOSSES:
+            raise ValueError(
+                f"{owner}: fisher={fisher!r} needs loss, one of {LOSSES}; got {loss!r}"
+            )
+        if subsample is not None and (
+            isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1
+        ):
+            raise ValueError(
+                f"{owner}: subsample must be a positive int or None, got {subsample!r}"
+            )
+        if subsample is not None and loss_reduction == "sum":
+            raise ValueError(
+                f"{owner}: subsample needs a batch-mean loss (loss_reduction 'mean' or "
+                "'batchmean'): the curvature of a summed loss is not a mean over examples"
+            )
         if loss_reduction not in REDUCTIONS:
             raise ValueError(
                 f"{owner}: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}"
@@ -119,7 +143,7 @@ class Curvature:
         schedule = Schedule(
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
-        self.owner, self.fisher = owner, fisher
+        self.owner, self.fisher, self.subsample = owner, fisher, subsample
         self.loss, self.loss_reduction = loss, loss_reduction
         self.layers, self.other_params = find_layers(model, unsupported=unsupported, owner=owner)
         #: Parameter names as in ``model.named_parameters()``, by ``id``, for messages.
@@ -131,6 +155,11 @@ class Curvature:
             dtype = factor_dtype or default_factor_dtype(weight.dtype)
             blocks[name], states[name] = block, block.init(weight, dtype=dtype)
         self.driver = Driver(blocks, states, schedule=schedule, owner=owner)
+        if fisher == "ggn" and not all(b.output_directions for b in blocks.values()):
+            raise ValueError(
+                f"{owner}: fisher='ggn' needs blocks that take output directions "
+                "(Block.output_directions)"
+            )
         self.needs = self.driver.needs
         self.capture = LayerCapture(self.layers, root=model)
         self.capture.capture_grads = fisher == "empirical"
@@ -157,11 +186,12 @@ class Curvature:
         self.capture.active = self.driver.stats_due()
 
     def backward_fisher(self, output: torch.Tensor) -> None:
-        """The sampled Fisher's extra backward: labels drawn from ``output``, δ captured."""
-        if self.fisher != "mc":
+        """The extra backward of the sampled Fisher (labels drawn from ``output``) or of the
+        Gauss–Newton matrix (the output-Hessian square root's columns); δ captured."""
+        if self.fisher == "empirical":
             raise RuntimeError(
-                f"{self.owner}: backward_fisher() is for fisher='mc'; the empirical Fisher uses "
-                "the gradients of the ordinary loss.backward()"
+                f"{self.owner}: backward_fisher() is for fisher='mc' or 'ggn'; the empirical "
+                "Fisher uses the gradients of the ordinary loss.backward()"
             )
         if not self.capture.active or self.evaluating:
             return  # not a statistics step (or only the loss is wanted): nothing to sample
@@ -176,16 +206,16 @@ class Curvature:
                 f"{self.owner}: backward_fisher(): no layer was recorded in the forward pass; "
                 "run the model in training mode with gradients enabled"
             )
-        delta = sample_output_grad(
-            output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
-        )
-        grads = torch.autograd.grad(
-            output,
-            [r.output for r in records],
-            grad_outputs=delta,
-            retain_graph=True,
-            allow_unused=True,
-        )
+        outputs = [r.output for r in records]
+        if self.fisher == "ggn":
+            grads = self._backward_directions(output, outputs)
+        else:
+            delta = sample_output_grad(
+                output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
+            )
+            grads = torch.autograd.grad(
+                output, outputs, grad_outputs=delta, retain_graph=True, allow_unused=True
+            )
         keep = self.capture.keep_outputs
         for name, recorded in self.capture.records.items():
             for record in recorded:
@@ -193,6 +223,33 @@ class Curvature:
                     record.output = None  # consumed: free the pre-activation now
         for record, grad in zip(records, grads):
             record.grad = grad  # None for a forward pass that did not lead to ``output``
+
+    def _backward_directions(self, output, outputs):
+        """Gradients of ``q_na · f_n`` for every output direction ``a``: shape (k, N, ...)
+        per recorded output, from one batched backward (a loop over ``k`` where the graph
+        does not batch). Only the first ``subsample`` examples get nonzero directions."""
+        if output.ndim != 2:
+            raise ValueError(
+                f"{self.owner}: fisher='ggn' needs the network output as (N, D), got "
+                f"{tuple(output.shape)}"
+            )
+        f = output.detach()
+        q = output_hessian_sqrt(
+            f if f.dtype in (torch.float32, torch.float64) else f.float(),
+            loss=self.loss,
+            reduction=self.loss_reduction,
+        )
+        directions = q.permute(2, 0, 1).to(f.dtype).contiguous()  # (k, N, D), sample rows
+        if self.subsample is not None:
+            directions[:, self.subsample :] = 0
+        grad = torch.autograd.grad
+        try:
+            return grad(output, outputs, grad_outputs=directions, retain_graph=True,
+                        allow_unused=True, is_grads_batched=True)  # fmt: skip
+        except RuntimeError:  # an operation without a batching rule: one backward each
+            cols = [grad(output, outputs, grad_outputs=d, retain_graph=True, allow_unused=True)
+                    for d in directions]  # fmt: skip
+            return [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
 
     def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks
@@ -214,7 +271,8 @@ class Curvature:
         # outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
         # input is the cheaper probe (and the stricter: it also sees entries no patch reads).
         self.input_probes = []
-        sampled = self.fisher == "mc" and not plus
+        sampled = self.fisher != "empirical" and not plus
+        directions = self.fisher == "ggn" and not plus  # output_grads (k, R, d_out)
         examples = self.capture.examples
         for name, recorded in self.capture.records.items():
             # Forward passes whose output never reached a backward (an extra evaluation with
@@ -232,29 +290,50 @@ class Curvature:
             needs = block.needs
             n = examples or sum(handler.n_examples(r.input) for r in records)
             mean = self.loss_reduction != "sum"
+            sub = n if self.subsample is None else min(self.subsample, n)
             # Blocks that only average outputs over rows get them without a copy where the
-            # layout allows; several calls of one layer are concatenated as rows.
+            # layout allows; several calls of one layer are concatenated as rows (for a
+            # coupled block, grouped by example: each example's rows stay consecutive).
             rows = (
                 handler.output_view
                 if not block.flat_outputs and len(records) == 1
                 else handler.output_rows
             )
+            by_example = block.coupled or sub < n
+            if by_example:
+                _check_examples(self.owner, name, handler, records, n)
+
+            def inputs(r):
+                return handler.input_rows(r.input[:sub] if sub < n else r.input)
+
+            def grads(r):
+                g = r.grad
+                if not directions:
+                    return rows(g[:sub] if sub < n else g)
+                g = g[:, :sub] if sub < n else g
+                return rows(g.flatten(0, 1)).view(g.shape[0], -1, handler.d_out)
+
+            join = functools.partial(_cat_examples, sub) if by_example else _cat
             return LayerBatch(
-                inputs=_cat([handler.input_rows(r.input) for r in records])
+                inputs=join([inputs(r) for r in records])
                 if "inputs" in needs and not plus
                 else None,
-                outputs=_cat([rows(r.output.detach()) for r in records])
+                outputs=join([rows(r.output.detach()[:sub]) for r in records])
                 if "outputs" in needs
                 else None,
-                output_grads=_cat([rows(r.grad) for r in records]),
-                n_examples=n if mean else 1,
+                output_grads=join([grads(r) for r in records]),
+                n_examples=sub if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
             )
 
         self.capture.clear()
         if not plan:
-            how = "opt.backward_fisher(output)" if self.fisher == "mc" and not plus else "backward"
+            how = (
+                "opt.backward_fisher(output)"
+                if self.fisher != "empirical" and not plus
+                else "backward"
+            )
             raise RuntimeError(
                 f"{self.owner}: no layer was captured with its output gradient on a statistics "
                 "step: run the forward pass in training mode (model.train()) with gradients "
@@ -337,13 +416,14 @@ class Curvature:
         committed) and the batches a second pass or a check will read, or None when the step
         is skipped (nothing changed but the skip counter)."""
         driver = self.driver
-        keep = "second_pass" in self.needs or driver.check_due()
+        # Coupled blocks precondition from the batches: they are kept (and checked) as well.
+        keep = "second_pass" in self.needs or driver.check_due() or driver.coupled
         batches = self.first_batches(lazy=not keep)
         self.check_seen(grads, batches)
         stats = driver.statistics(batches) if batches else None
         probes = [t for pair in grads.values() for t in pair if t is not None] + list(probes)
         probes += driver.probes(stats)
-        if "second_pass" in self.needs and batches:
+        if ("second_pass" in self.needs or driver.coupled) and batches:
             probes += _batch_probes(self, batches)
         if not driver.all_finite(probes):
             driver.skip()
@@ -522,6 +602,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self._curv.driver.skipped
 
     @property
+    def fisher(self) -> str:
+        """Where the curvature's output gradients come from: ``"empirical"`` (the ordinary
+        backward), ``"mc"`` or ``"ggn"`` (the closure calls :meth:`backward_fisher`)."""
+        return self._curv.fisher
+
+    @property
     def repaired_factors(self) -> int:
         """Factors rebuilt by the periodic check (``check_every``)."""
         return self._curv.driver.repaired
@@ -585,13 +671,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
         others = [p for p in curv.other_params if p.grad is not None]
-        damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
+        damping = {name: self.curvature_damping(group_of[id(h.weight)])
+                   for name, h in curv.layers.items()}  # fmt: skip
         first = curv.first_pass(grads, [p.grad for p in others], damping=damping)
         if first is None:
             return loss  # skipped: nothing changed
         states, batches = first
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
-        directions = driver.precondition(states, grads if buffers is None else buffers)
+        directions = driver.precondition(
+            states, grads if buffers is None else buffers, batches=batches, damping=damping
+        )
+        batches = batches if curv.second_pass_due or driver.check_due() else None
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
         updates, model = self._updates(directions, grads, buffers, model=adapt)
         # -- from here on, state changes -------------------------------------------------
@@ -623,6 +713,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if adapt and model is not None:
             self._adapt_damping(loss, loss_plus, closure, model)
         return loss
+
+    @staticmethod
+    def curvature_damping(group) -> float:
+        """The damping the blocks get from a curvature param group: its ``damping``. A front
+        whose curvature absorbs the L2 term (its curvature ``τI`` is exact) returns
+        ``damping + weight_decay`` instead."""
+        return group["damping"]
 
     def _adapt_damping(self, loss, loss_plus, closure, model) -> None:
         """The Levenberg–Marquardt rule on the curvature groups' damping (one host sync)."""
@@ -832,6 +929,27 @@ def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+def _cat_examples(n: int, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several calls of one layer on the same ``n`` examples, ``(..., n·T_i, d)``
+    each, as ``(..., n·ΣT_i, d)`` with each example's rows consecutive."""
+    if len(rows) == 1:
+        return rows[0]
+    lead = rows[0].shape[:-2]
+    parts = [r.reshape(*lead, n, -1, r.shape[-1]) for r in rows]
+    return torch.cat(parts, dim=-2).reshape(*lead, -1, rows[0].shape[-1])
+
+
+def _check_examples(owner, name, handler, records, n) -> None:
+    """Every call of a layer must see the batch's ``n`` examples on its leading axis."""
+    for r in records:
+        if handler.n_examples(r.input) != n:
+            raise RuntimeError(
+                f"{owner}: layer {name!r} saw {handler.n_examples(r.input)} examples in one "
+                f"call and the batch has {n}: a subsample or a coupled method needs every "
+                "call of a layer to see the whole batch on its leading axis"
+            )
+
+
 class Preconditioner:
     """Any curvlin method in front of any torch optimizer: :meth:`step` rewrites ``.grad``.
 
@@ -937,7 +1055,7 @@ class Preconditioner:
                 return False  # skipped: gradients and curvature untouched
             states, batches = first
             second = "second_pass" in curv.needs and batches
-            directions = driver.precondition(states, grads)
+            directions = driver.precondition(states, grads, batches=batches, damping=damping)
             for name, (dw, db) in directions.items():
                 h = curv.layers[name]
                 for p, d in ((h.weight, dw), (h.module.bias, db)):
