@@ -137,20 +137,21 @@ class SMWNG(_SMW):
     >>> from curvlin.adapters.torch import SMWNG
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
-    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
-    >>> opt = SMWNG(model, lr=0.3, damping=0.1, loss="cross_entropy", subsample=32)
-    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> opt = SMWNG(model, lr=1.0, damping=0.1, loss="mse")  # 64 examples, 97 parameters
+    >>> x = torch.randn(64, 4)
+    >>> y = x.sum(dim=1, keepdim=True)
     >>> def closure():
     ...     opt.zero_grad()
     ...     out = model(x)
-    ...     opt.backward_fisher(out)
-    ...     loss = F.cross_entropy(out, y)
+    ...     opt.backward_fisher(out)  # the sampled Fisher's labels
+    ...     loss = F.mse_loss(out, y)
     ...     loss.backward()
     ...     return loss
     >>> first = closure().item()
     >>> for _ in range(30):
     ...     loss = opt.step(closure)
-    >>> bool(F.cross_entropy(model(x), y) < first / 2)
+    >>> bool(F.mse_loss(model(x), y) < first / 100)
     True
     """
 
@@ -208,20 +209,21 @@ class SMWGN(_SMW):
     >>> from curvlin.adapters.torch import SMWGN
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
-    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
-    >>> opt = SMWGN(model, lr=0.3, damping=0.1, loss="cross_entropy", subsample=16)
-    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> opt = SMWGN(model, lr=1.0, damping=0.01, loss="mse")
+    >>> x = torch.randn(64, 4)
+    >>> y = x.sum(dim=1, keepdim=True)
     >>> def closure():
     ...     opt.zero_grad()
     ...     out = model(x)
-    ...     opt.backward_fisher(out)
-    ...     loss = F.cross_entropy(out, y)
+    ...     opt.backward_fisher(out)  # the output-Hessian directions
+    ...     loss = F.mse_loss(out, y)
     ...     loss.backward()
     ...     return loss
     >>> first = closure().item()
     >>> for _ in range(30):
     ...     loss = opt.step(closure)
-    >>> bool(F.cross_entropy(model(x), y) < first / 2)
+    >>> bool(F.mse_loss(model(x), y) < first / 1000)  # Gauss–Newton steps
     True
     """
 
