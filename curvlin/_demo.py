@@ -3,8 +3,8 @@
 The data set is drawn on the fly by :func:`curvlin.datasets.load_curves` (no download); the
 autoencoder is Hinton & Salakhutdinov's CURVES architecture 784-400-200-100-50-25-6 and its
 mirror, with the loss of the second-order literature: binary cross-entropy on the logits,
-summed over pixels and averaged over the batch. KFAC (sampled Fisher), K-BFGS, K-BFGS(L), Adam
-and SGD with momentum each train the same initial model
+summed over pixels and averaged over the batch. KFAC (sampled Fisher), K-BFGS, K-BFGS(L),
+SMW-NG (empirical Fisher), Adam and SGD with momentum each train the same initial model
 on the same mini-batches; the demo prints progress and a comparison table and writes a PNG plot
 of the training loss against iterations and against time.
 """
@@ -25,6 +25,7 @@ OPTIMIZERS = {
     "KFAC": {"lr": 1.0, "damping": 0.3, "momentum": 0.9, "kl_clip": 0.1},
     "K-BFGS": {"lr": 0.01, "damping": 0.3, "momentum": 0.9},
     "K-BFGS(L)": {"lr": 0.01, "damping": 0.1, "momentum": 0.9},
+    "SMW-NG": {"lr": 0.05, "damping": 0.01, "momentum": 0.9, "momentum_form": "direction"},
     "Adam": {"lr": 3e-3},
     "SGD+momentum": {"lr": 3e-3, "momentum": 0.9},
 }
@@ -70,7 +71,7 @@ def loss_fn(logits, target):
 def make_optimizer(name: str, model):
     import torch
 
-    from .adapters.torch import KBFGS, KBFGSL, KFAC
+    from .adapters.torch import KBFGS, KBFGSL, KFAC, SMWNG
 
     hyper = dict(OPTIMIZERS[name])
     if name == "KFAC":
@@ -87,6 +88,8 @@ def make_optimizer(name: str, model):
         return KBFGS(model, **hyper)
     if name == "K-BFGS(L)":
         return KBFGSL(model, **hyper)
+    if name == "SMW-NG":  # the empirical Fisher of the whole batch: m = 250
+        return SMWNG(model, fisher="empirical", **hyper)
     if name == "Adam":
         return torch.optim.Adam(model.parameters(), **hyper)
     return torch.optim.SGD(model.parameters(), **hyper)
@@ -122,7 +125,7 @@ def train(
             opt.zero_grad()
             logits = model(batch)
             loss = loss_fn(logits, batch)
-            if name == "KFAC":  # the sampled Fisher's extra backward
+            if getattr(opt, "fisher", "empirical") != "empirical":  # the sampled Fisher
                 opt.backward_fisher(logits)
             loss.backward()
             return loss
