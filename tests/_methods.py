@@ -73,13 +73,23 @@ METHODS = [
     Method(
         "smw-ng",
         SMWNG,
-        {**_COMMON, "damping": 0.1, "loss": "mse", "subsample": 5},
+        {
+            **_COMMON,
+            "damping": 0.1,
+            "loss": "mse",
+            "subsample": 5,
+            "fisher": "mc",
+            "momentum_form": "gradient",
+        },
         sampled=True,
         tiny_damping=1.0,
     ),
-    Method("smw-ng-ef", SMWNG, {**_COMMON, "damping": 0.1, "fisher": "empirical"}),
+    Method("smw-ng-ef", SMWNG, {**_COMMON, "damping": 0.1, "momentum_form": "gradient"}),
     Method(
-        "smw-gn", SMWGN, {**_COMMON, "damping": 0.1, "loss": "mse", "subsample": 5}, sampled=True
+        "smw-gn",
+        SMWGN,
+        {**_COMMON, "damping": 0.1, "loss": "mse", "subsample": 5, "momentum_form": "gradient"},
+        sampled=True,
     ),
 ]
 

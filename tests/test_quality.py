@@ -20,7 +20,7 @@ from _helpers import require_test_dep
 from _torch_models import one_thread
 from torch import nn
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, SMWNG
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +85,20 @@ def adam_best(digits):
         ("KFAC", lambda m: KFAC(m, lr=0.003, damping=1e-3), 0.785),
         ("K-BFGS", lambda m: KBFGS(m, lr=0.1, damping=0.1), 2.18),
         ("K-BFGS(L)", lambda m: KBFGSL(m, lr=0.3, damping=0.1), 1.25),
+        (
+            "SMW-NG",
+            lambda m: SMWNG(
+                m,
+                lr=0.05,
+                damping=0.01,
+                momentum=0.9,
+                momentum_form="direction",
+                fisher="empirical",
+            ),
+            1.815,
+        ),
     ],
-    ids=["KFAC", "K-BFGS", "K-BFGS(L)"],
+    ids=["KFAC", "K-BFGS", "K-BFGS(L)", "SMW-NG"],
 )
 def test_second_order_beats_tuned_adam_on_digits(digits, adam_best, name, make, measured):
     loss = _run(digits, make)

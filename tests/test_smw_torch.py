@@ -248,7 +248,8 @@ def _linear_least_squares(lam, lr):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 3, generator=g, dtype=torch.float64)
     y = torch.randn(20, 2, generator=g, dtype=torch.float64)
-    opt = SMWGN(model, lr=lr, damping=lam, loss="mse", adaptive_damping=True)
+    opt = SMWGN(model, lr=lr, damping=lam, loss="mse", adaptive_damping=True,
+                momentum_form="gradient")  # fmt: skip
 
     def closure():
         opt.zero_grad()
