@@ -25,7 +25,7 @@ OPTIMIZERS = {
     "KFAC": {"lr": 1.0, "damping": 0.3, "momentum": 0.9, "kl_clip": 0.1},
     "K-BFGS": {"lr": 0.01, "damping": 0.3, "momentum": 0.9},
     "K-BFGS(L)": {"lr": 0.01, "damping": 0.1, "momentum": 0.9},
-    "SMW-NG": {"lr": 0.05, "damping": 0.01, "momentum": 0.9, "momentum_form": "direction"},
+    "SMW-NG": {"lr": 1.0, "damping": 0.1, "momentum": 0.9, "momentum_form": "direction"},
     "Adam": {"lr": 3e-3},
     "SGD+momentum": {"lr": 3e-3, "momentum": 0.9},
 }

@@ -221,13 +221,22 @@ class Curvature:
             for record in recorded:
                 if keep is not None and name not in keep:
                     record.output = None  # consumed: free the pre-activation now
+        axis = 1 if self.fisher == "ggn" else 0  # the example axis of a captured gradient
+        sub = self.subsample
         for record, grad in zip(records, grads):
+            if grad is not None and sub is not None and grad.shape[axis] > sub:
+                # only the subsample's rows are read: keep a copy of them, free the rest now
+                grad = grad.narrow(axis, 0, sub).clone()
             record.grad = grad  # None for a forward pass that did not lead to ``output``
 
     def _backward_directions(self, output, outputs):
-        """Gradients of ``q_na · f_n`` for every output direction ``a``: shape (k, N, ...)
-        per recorded output, from one batched backward (a loop over ``k`` where the graph
-        does not batch). Only the first ``subsample`` examples get nonzero directions."""
+        """Gradients of ``q_na · f_n`` for every output direction ``a``: shape (k, m, ...)
+        per recorded output for the ``m`` examples of the subsample (all without one).
+
+        With the whole batch, one batched backward (``is_grads_batched``; a loop where an
+        operation has no batching rule). With a subsample, one backward per direction, each
+        result cut to the subsample at once: the batched backward's ``(k, N, ...)``
+        intermediates would cost ``N/m`` times the memory for rows that are never read."""
         if output.ndim != 2:
             raise ValueError(
                 f"{self.owner}: fisher='ggn' needs the network output as (N, D), got "
@@ -239,17 +248,21 @@ class Curvature:
             loss=self.loss,
             reduction=self.loss_reduction,
         )
-        directions = q.permute(2, 0, 1).to(f.dtype).contiguous()  # (k, N, D), sample rows
-        if self.subsample is not None:
-            directions[:, self.subsample :] = 0
-        grad = torch.autograd.grad
-        try:
-            return grad(output, outputs, grad_outputs=directions, retain_graph=True,
-                        allow_unused=True, is_grads_batched=True)  # fmt: skip
-        except RuntimeError:  # an operation without a batching rule: one backward each
-            cols = [grad(output, outputs, grad_outputs=d, retain_graph=True, allow_unused=True)
-                    for d in directions]  # fmt: skip
-            return [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
+        directions = q.permute(2, 0, 1).to(f.dtype)  # (k, N, D), one row per example
+        sub = self.subsample
+        grad = functools.partial(torch.autograd.grad, output, outputs, retain_graph=True,
+                                 allow_unused=True)  # fmt: skip
+        if sub is None or sub >= f.shape[0]:
+            try:
+                return grad(grad_outputs=directions.contiguous(), is_grads_batched=True)
+            except RuntimeError:  # an operation without a batching rule: one backward each
+                sub = f.shape[0]
+        cols = []
+        for d in directions:
+            d = d.clone()
+            d[sub:] = 0
+            cols.append([None if g is None else g[:sub].clone() for g in grad(grad_outputs=d)])
+        return [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
 
     def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks
