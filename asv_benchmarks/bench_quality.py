@@ -40,7 +40,7 @@ CONFIGS = {
             "momentum_form": "direction",
             "fisher": "empirical",
         },
-    ),  # fmt: skip
+    ),
     "adam-1e-2": (None, {"lr": 1e-2}),
 }
 
