@@ -31,7 +31,7 @@ from __future__ import annotations
 from .bench_kfac import DEVICES, ratio_every_step
 from .common import cached
 
-AUTOENCODER_MODES = ("sgd", "smw-ng-100", "smw-ng-1000", "smw-ng-ef-1000")
+AUTOENCODER_MODES = ("sgd", "smw-ng-100", "smw-ng-1000", "smw-ng-ef-100", "smw-ng-ef-1000")
 CNN_MODES = ("sgd", "smw-ng-32", "smw-ng-128", "smw-ng-ef-128", "smw-gn-32")
 _LR_SGD, _LR_SMW, _DAMPING, _MOMENTUM = 1e-2, 1e-2, 1.0, 0.9
 
