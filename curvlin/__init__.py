@@ -16,6 +16,7 @@ from .kron import (
     pi_damping,
 )
 from .linalg import spd_inverse, spd_inverse_root, spd_solve
+from .losses import output_hessian_sqrt
 from .miniblock import (
     BlockGroup,
     Partition,
@@ -40,6 +41,16 @@ from .quasi_newton import (
     powell_damping,
 )
 from .tensor_normal import mode_covariances, mode_factorize, mode_solve, trace_normalize
+from .woodbury import (
+    LinearTerms,
+    linear_gram,
+    linear_jvp,
+    linear_terms,
+    linear_vjp,
+    patch_gram,
+    woodbury_coefficients,
+    woodbury_solve,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -48,6 +59,7 @@ __all__ = [
     "KronFactorization",
     "LBFGSState",
     "LinAlgError",
+    "LinearTerms",
     "Partition",
     "__version__",
     "bfgs_inverse_update",
@@ -66,11 +78,17 @@ __all__ = [
     "lbfgs_apply",
     "lbfgs_init",
     "lbfgs_push",
+    "linear_gram",
+    "linear_jvp",
+    "linear_terms",
+    "linear_vjp",
     "lm_adapt",
     "lm_damping",
     "mode_covariances",
     "mode_factorize",
     "mode_solve",
+    "output_hessian_sqrt",
+    "patch_gram",
     "pi_damping",
     "powell_damping",
     "predicted_change",
@@ -81,4 +99,6 @@ __all__ = [
     "tiled_blocks",
     "trace_normalize",
     "unit_blocks",
+    "woodbury_coefficients",
+    "woodbury_solve",
 ]

@@ -4,7 +4,7 @@ The data set is drawn on the fly by :func:`curvlin.datasets.load_curves` (no dow
 autoencoder is Hinton & Salakhutdinov's CURVES architecture 784-400-200-100-50-25-6 and its
 mirror, with the loss of the second-order literature: binary cross-entropy on the logits,
 summed over pixels and averaged over the batch. KFAC (sampled Fisher), K-BFGS, K-BFGS(L), MBF,
-Adam and SGD with momentum each train the same initial model
+SMW-NG (empirical Fisher), Adam and SGD with momentum each train the same initial model
 on the same mini-batches; the demo prints progress and a comparison table and writes a PNG plot
 of the training loss against iterations and against time.
 """
@@ -26,6 +26,7 @@ OPTIMIZERS = {
     "K-BFGS": {"lr": 0.01, "damping": 0.3, "momentum": 0.9},
     "K-BFGS(L)": {"lr": 0.01, "damping": 0.1, "momentum": 0.9},
     "MBF": {"lr": 3e-3, "damping": 1e-2, "momentum": 0.9, "kl_clip": 1e-2},  # docs/mbf.md
+    "SMW-NG": {"lr": 1.0, "damping": 0.1, "momentum": 0.9, "momentum_form": "direction"},
     "Adam": {"lr": 3e-3},
     "SGD+momentum": {"lr": 3e-3, "momentum": 0.9},
 }
@@ -71,7 +72,7 @@ def loss_fn(logits, target):
 def make_optimizer(name: str, model):
     import torch
 
-    from .adapters.torch import KBFGS, KBFGSL, KFAC, MBF
+    from .adapters.torch import KBFGS, KBFGSL, KFAC, MBF, SMWNG
 
     hyper = dict(OPTIMIZERS[name])
     if name == "KFAC":
@@ -90,6 +91,8 @@ def make_optimizer(name: str, model):
         return KBFGSL(model, **hyper)
     if name == "MBF":
         return MBF(model, stats_every=5, refresh_every=5, **hyper)
+    if name == "SMW-NG":  # the empirical Fisher of the whole batch: m = 250
+        return SMWNG(model, fisher="empirical", **hyper)
     if name == "Adam":
         return torch.optim.Adam(model.parameters(), **hyper)
     return torch.optim.SGD(model.parameters(), **hyper)
@@ -125,7 +128,7 @@ def train(
             opt.zero_grad()
             logits = model(batch)
             loss = loss_fn(logits, batch)
-            if name == "KFAC":  # the sampled Fisher's extra backward
+            if getattr(opt, "fisher", "empirical") != "empirical":  # the sampled Fisher
                 opt.backward_fisher(logits)
             loss.backward()
             return loss

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, TNT, DiagonalFisher, Shampoo
+from curvlin.adapters.torch import (
+    KBFGS,
+    KBFGSL,
+    KFAC,
+    MBF,
+    SMWGN,
+    SMWNG,
+    TNT,
+    DiagonalFisher,
+    Shampoo,
+)
 
 
 @dataclass(frozen=True)
@@ -28,8 +38,10 @@ class Method:
     #: Whether ``adaptive_damping`` applies: the preconditioner is a damped inverse curvature
     #: (Shampoo's roots are not, and it refuses the option).
     adaptive: bool = True
-    #: A damping far too small, from which the adaptation recovers (TNT damps every mode, so
-    #: a weight's damping is about its square).
+    #: A damping far too small for the step, from which the adaptation recovers (the
+    #: adaptive-damping suite starts from it, lr 1, momentum 0.9). TNT damps every mode, so a
+    #: weight's damping is about its square; a sampled Fisher of rank m < P (SMW-NG) steps by
+    #: ‖M_⊥‖/λ off its span, so on the 8-example problem lr 1 diverges from any λ ≤ 0.1.
     tiny_damping: float = 1e-6
 
     def make(self, model, **overrides):
@@ -90,6 +102,27 @@ METHODS = [
         adaptive=False,
     ),
     Method("mbf", MBF, {**_COMMON, "damping": 0.1, "stats_every": 2, "refresh_every": 3}),
+    Method(
+        "smw-ng",
+        SMWNG,
+        {
+            **_COMMON,
+            "damping": 0.1,
+            "loss": "mse",
+            "subsample": 5,
+            "fisher": "mc",
+            "momentum_form": "gradient",
+        },
+        sampled=True,
+        tiny_damping=1.0,
+    ),
+    Method("smw-ng-ef", SMWNG, {**_COMMON, "damping": 0.1, "momentum_form": "gradient"}),
+    Method(
+        "smw-gn",
+        SMWGN,
+        {**_COMMON, "damping": 0.1, "loss": "mse", "subsample": 5, "momentum_form": "gradient"},
+        sampled=True,
+    ),
 ]
 
 

@@ -106,7 +106,14 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(method):
 
 def _corrupt(sd, how, layer):
     arrays = sd["curvlin"]["driver"]["layers"][layer]["arrays"]
-    key = next(iter(arrays))
+    counters = sd["curvlin"]["driver"]["layers"][layer]["counters"]
+    if (not arrays and how in ("nan", "shape", "dtype", "missing")) or (
+        not counters and how == "counter"
+    ):
+        pytest.skip(
+            f"the method keeps no per-layer {'counters' if how == 'counter' else 'buffers'}"
+        )
+    key = next(iter(arrays), "bogus")
     if how == "nan":
         arrays[key] = arrays[key].clone()
         arrays[key][(0,) * arrays[key].ndim] = float("nan")
@@ -117,9 +124,8 @@ def _corrupt(sd, how, layer):
     elif how == "missing":
         del arrays[key]
     elif how == "unknown":
-        arrays["bogus"] = arrays[key]
+        arrays["bogus"] = arrays.get(key, torch.zeros(1))
     elif how == "counter":
-        counters = sd["curvlin"]["driver"]["layers"][layer]["counters"]
         counters[next(iter(counters))] = -1
     elif how == "momentum":
         slot = next(iter(sd["state"].values()))

@@ -20,7 +20,7 @@ from _helpers import require_test_dep
 from _torch_models import one_thread
 from torch import nn
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, TNT, Shampoo
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, SMWNG, TNT, Shampoo
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,8 @@ def _run(data, make):
             def closure(batch=batch):
                 opt.zero_grad()
                 out = model(batch)
-                if isinstance(opt, TNT):  # its sampled statistics' extra backward
-                    opt.backward_fisher(out)
+                if getattr(opt, "fisher", "empirical") != "empirical":
+                    opt.backward_fisher(out)  # the sampled statistics' extra backward (TNT)
                 loss = _loss(out, batch)
                 loss.backward()
                 return loss
@@ -95,8 +95,20 @@ def adam_best(digits):
         ),
         ("Shampoo", lambda m: Shampoo(m, lr=0.01, damping=1e-3), 0.878),
         ("MBF", lambda m: MBF(m), 0.982),
+        (
+            "SMW-NG",
+            lambda m: SMWNG(
+                m,
+                lr=0.05,
+                damping=0.01,
+                momentum=0.9,
+                momentum_form="direction",
+                fisher="empirical",
+            ),
+            1.815,
+        ),
     ],
-    ids=["KFAC", "K-BFGS", "K-BFGS(L)", "TNT", "Shampoo", "MBF"],
+    ids=["KFAC", "K-BFGS", "K-BFGS(L)", "TNT", "Shampoo", "MBF", "SMW-NG"],
 )
 def test_second_order_beats_tuned_adam_on_digits(digits, adam_best, name, make, measured):
     loss = _run(digits, make)

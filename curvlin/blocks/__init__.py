@@ -11,7 +11,7 @@ from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous, homogeneous
 from .diagonal import DiagonalFisherBlock, DiagonalFisherState
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
-from .kernel import KernelBlock, LinearKernelBlock, kernel_solve
+from .kernel import KernelBlock, KernelState, LinearKernelBlock, kernel_solve
 from .kfac import KFACBlock, KFACState
 from .mbf import MBFBlock, MBFState
 from .tensor import (
@@ -41,6 +41,7 @@ __all__ = [
     "KFACBlock",
     "KFACState",
     "KernelBlock",
+    "KernelState",
     "LayerBatch",
     "LinearKernelBlock",
     "MBFBlock",

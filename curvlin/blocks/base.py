@@ -209,6 +209,18 @@ class Block:
     #: one row, the mean, of shape ``(1, d_out)``: no pre-activation or output gradient
     #: outlives the hook that sees it. Such a block must also accept full rows.
     row_means: ClassVar[bool] = False
+    #: Whether ``outputs`` and ``output_grads`` must be 2-D rows ``(R, d_out)``. A block that
+    #: accepts ``(..., d_out)`` arrays with several leading row axes (a convolution's
+    #: ``(N, T, d_out)`` view of its ``(N, d_out, H, W)`` output) sets False, which spares the
+    #: adapter a copy.
+    flat_outputs: ClassVar[bool] = True
+    #: Whether the block is part of one solve that couples all layers (a
+    #: :class:`~curvlin.blocks.KernelBlock`): the driver then preconditions every such layer
+    #: together from the step's batches (:meth:`Driver.precondition`), not one by one.
+    coupled: ClassVar[bool] = False
+    #: Whether ``output_grads`` may carry a leading axis of ``k`` output directions per example,
+    #: ``(k, R, d_out)`` (the columns of an output-Hessian square root: exact Gauss–Newton).
+    output_directions: ClassVar[bool] = False
 
     d_out: int
     d_in: int
@@ -298,12 +310,23 @@ class Block:
             raise ValueError(f"{func}: grad_b must be {want}, got {got}")
         if not self.ready(state):
             raise ValueError(f"{func}: the state is not ready yet (no statistics or refresh)")
+        mat = self.joined(grad_w, grad_b, dtype=self.work_dtype(state))
+        return self.split(self._precondition(state, mat), dtype=grad_w.dtype)
+
+    def joined(self, grad_w: Array, grad_b: Array | None = None, /, *, dtype=None) -> Array:
+        """``∇W̄ = [grad_w, grad_b]`` as one (d_out, d_a) matrix, in ``dtype`` (default its own).
+
+        Shapes are checked by :meth:`precondition`; a coupled solve calls this directly.
+        """
         xp = get_backend(grad_w).xp
-        work = self.work_dtype(state)
-        mat = _cast(xp, grad_w, work)
+        mat = _cast(xp, grad_w, dtype)
         if self.bias:
-            mat = xp.concat([mat, _cast(xp, grad_b, work)[:, None]], axis=1)
-        direction = _cast(xp, self._precondition(state, mat), grad_w.dtype)
+            mat = xp.concat([mat, _cast(xp, grad_b, dtype)[:, None]], axis=1)
+        return mat
+
+    def split(self, direction: Array, /, *, dtype=None):
+        """A (d_out, d_a) direction as ``(dW, db)`` (``db`` None without a bias), in ``dtype``."""
+        direction = _cast(get_backend(direction).xp, direction, dtype)
         if self.bias:
             return direction[:, : self.d_in], direction[:, self.d_in]
         return direction, None

@@ -9,7 +9,8 @@ per layer and asks the driver, in this order:
 2. :meth:`Driver.statistics` (reduced across ranks by the distributor), whose
    :meth:`Driver.probes` join the finiteness check of step 1, then :meth:`Driver.fold_refresh`:
    fold, and refresh when due; it returns the new states without committing them;
-3. :meth:`Driver.precondition` with those states;
+3. :meth:`Driver.precondition` with those states (and, for coupled blocks, the step's
+   batches: their layers are solved together);
 4. the adapter updates the parameters; then, on statistics steps of a method with a second
    pass, :meth:`Driver.before_second_pass` (which consumes the batches' inputs, so the
    adapter can free them before the second forward pass) and :meth:`Driver.second_pass`
@@ -29,6 +30,7 @@ from dataclasses import replace
 from ..backends import Array, get_backend
 from ._schedule import Schedule
 from .base import Block, BlockState, LayerBatch
+from .kernel import kernel_solve
 
 __all__ = ["CHECKPOINT_FORMAT", "Distributor", "Driver"]
 
@@ -114,6 +116,12 @@ class Driver:
     def needs(self) -> frozenset[str]:
         """What any block needs from a step."""
         return frozenset().union(*(b.needs for b in self.blocks.values()))
+
+    @property
+    def coupled(self) -> bool:
+        """Whether some layers are preconditioned together (:attr:`Block.coupled`): their
+        :meth:`precondition` then needs the step's batches."""
+        return any(b.coupled for b in self.blocks.values())
 
     # -- the schedule ----------------------------------------------------------------------
     def stats_due(self) -> bool:
@@ -203,20 +211,66 @@ class Driver:
         return states
 
     def precondition(
-        self, states: Mapping[str, BlockState], grads: Mapping[str, tuple[Array, Array | None]]
+        self,
+        states: Mapping[str, BlockState],
+        grads: Mapping[str, tuple[Array, Array | None]],
+        *,
+        batches: Mapping[str, LayerBatch] | None = None,
+        damping: Mapping[str, float] | None = None,
     ) -> dict[str, tuple[Array, Array | None]]:
-        """Directions ``(dW, db)`` for the layers in ``grads`` whose state is ready."""
-        return dict(self.directions(states, grads))
+        """Directions ``(dW, db)`` for the layers in ``grads`` whose state is ready.
+
+        Layers of :attr:`Block.coupled` blocks are preconditioned together, in one
+        :func:`~curvlin.blocks.kernel_solve` over this step's ``batches`` with their common
+        ``damping``; a coupled layer with a gradient but no batch (not reached by this step's
+        forward pass: its per-example gradients are zero) gets ``∇W̄ / λ``.
+        """
+        return dict(self.directions(states, grads, batches=batches, damping=damping))
 
     def directions(
-        self, states: Mapping[str, BlockState], grads: Mapping[str, tuple[Array, Array | None]]
+        self,
+        states: Mapping[str, BlockState],
+        grads: Mapping[str, tuple[Array, Array | None]],
+        *,
+        batches: Mapping[str, LayerBatch] | None = None,
+        damping: Mapping[str, float] | None = None,
     ) -> Iterator[tuple[str, tuple[Array, Array | None]]]:
         """:meth:`precondition` one layer at a time, for an adapter that applies each
-        direction as it comes (only one layer's direction is alive at a time)."""
+        direction as it comes (only one layer's direction is alive at a time); the coupled
+        layers come last, from their one solve."""
+        coupled = []
         for name, (grad_w, grad_b) in grads.items():
             block, state = self.blocks[name], states[name]
-            if block.ready(state):
+            if block.coupled:
+                coupled.append(name)
+            elif block.ready(state):
                 yield name, block.precondition(state, grad_w, grad_b)
+        if coupled:
+            yield from self._precondition_coupled(coupled, grads, batches, damping).items()
+
+    def _precondition_coupled(self, names, grads, batches, damping):
+        if batches is None or damping is None:
+            raise RuntimeError(
+                f"{self.owner}: coupled layers {names} need the step's batches and damping"
+            )
+        values = {damping[n] for n in names}
+        if len(values) != 1:
+            raise ValueError(
+                f"{self.owner}: the layers are coupled through one solve and need one damping, "
+                f"got {sorted(values)}"
+            )
+        lam = values.pop()
+        parts, lone = [], []
+        for name in names:
+            block = self.blocks[name]
+            mat = block.joined(*grads[name])
+            if name in batches:
+                parts.append((name, (block, batches[name], mat)))
+            else:
+                lone.append((name, mat / lam))
+        steps = kernel_solve([p for _, p in parts], damping=lam) if parts else []
+        pairs = [(n, s) for (n, _), s in zip(parts, steps)] + lone
+        return {n: self.blocks[n].split(s, dtype=grads[n][0].dtype) for n, s in pairs}
 
     def before_second_pass(
         self,

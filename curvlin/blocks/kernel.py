@@ -13,7 +13,15 @@ products ``U_lᵀ v`` (``J·v``) and ``U_l c`` (``Jᵀ·u``) without forming ``U
 
 A :class:`KernelBlock` is that per-layer part; :class:`LinearKernelBlock` implements it for a
 layer ``s = W̄ ā`` whose per-example gradient is ``Σ_{r ∈ n} δ_r ā_rᵀ`` over the example's rows
-(one row for a Linear layer on vectors, several for sequences or convolution patches).
+(one row for a Linear layer on vectors, several for sequences or convolution patches), on the
+primitives of :mod:`curvlin.woodbury`. A kernel block is also a :class:`~curvlin.blocks.Block`
+with an empty state and ``coupled = True``, so the :class:`~curvlin.blocks.Driver` runs it
+like any other (schedule, skip, checkpoints) and preconditions all kernel layers together in
+one :func:`kernel_solve` (:meth:`~curvlin.blocks.Driver.precondition`).
+
+For exact Gauss–Newton the output gradients carry a leading axis of ``k`` output directions,
+``(k, R, d_out)`` (``output_directions = True``): the rows of ``Q_nᵀ J_n`` for an output-Hessian
+square root ``Q_n``; the kernel is then ``m·k × m·k``, sample-major.
 
 References
 ----------
@@ -26,35 +34,76 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .._validation import check_damping
 from ..backends import Array, get_backend
-from ..linalg import spd_solve
-from .base import LayerBatch, homogeneous
+from ..woodbury import LinearTerms, linear_terms, woodbury_coefficients
+from .base import Block, BlockState, LayerBatch
 
-__all__ = ["KernelBlock", "LinearKernelBlock", "kernel_solve"]
+__all__ = ["KernelBlock", "KernelState", "LinearKernelBlock", "kernel_solve"]
 
 
-class KernelBlock:
+@dataclass(frozen=True)
+class KernelState(BlockState):
+    """The state of a kernel block: empty (the curvature is the current batch's)."""
+
+    def arrays(self) -> dict[str, Array]:
+        """No arrays."""
+        return {}
+
+    def counters(self) -> dict[str, int]:
+        """No counters."""
+        return {}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Array], counters: dict[str, int]) -> KernelState:
+        """The empty state."""
+        return cls()
+
+
+class KernelBlock(Block):
     """One layer's part of a kernel method: its kernel, ``U_lᵀ v`` and ``U_l c``.
 
-    ``U_l`` has one column per example: the example's gradient of ``W̄ = [W, b]``, flattened
-    row-major, at the per-example scale (``batch.grad_scale`` applied).
+    ``U_l`` has one column per example (per example and output direction for Gauss–Newton):
+    the example's gradient of ``W̄ = [W, b]``, flattened row-major, at the per-example scale
+    (``batch.grad_scale`` applied). Subclasses implement :meth:`terms`.
     """
 
-    #: What the block needs from a step (as :attr:`Block.needs`).
     needs: ClassVar[frozenset[str]] = frozenset({"inputs", "output_grads"})
+    coupled: ClassVar[bool] = True
+    output_directions: ClassVar[bool] = True
+
+    def init(self, like: Array, /, *, dtype=None) -> KernelState:
+        """The empty state."""
+        return KernelState()
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """No arrays."""
+        return {}
+
+    def cost(self) -> float:
+        """Nothing is refreshed."""
+        return 0.0
+
+    def terms(self, batch: LayerBatch, /) -> LinearTerms:
+        """The layer's kernel, ``J·v`` and ``Jᵀ·u`` on ``batch`` (a :class:`LinearTerms`)."""
+        raise NotImplementedError
 
     def kernel(self, batch: LayerBatch, /) -> Array:
-        """``U_lᵀ U_l``, shape (m, m), for the ``m = batch.n_examples`` examples."""
-        raise NotImplementedError
+        """``U_lᵀ U_l``, shape (r, r) with ``r = m`` (``m·k`` with ``k`` output directions)."""
+        return self.terms(batch).kernel()
 
     def jvp(self, batch: LayerBatch, v: Array, /) -> Array:
-        """``U_lᵀ vec(v)``, shape (m,), for ``v`` of shape (d_out, d_a)."""
-        raise NotImplementedError
+        """``U_lᵀ vec(v)``, shape (r,), for ``v`` of shape (d_out, d_a)."""
+        return self.terms(batch).jvp(v)
 
     def vjp(self, batch: LayerBatch, c: Array, /) -> Array:
-        """``U_l c`` as a (d_out, d_a) matrix, for ``c`` of shape (m,)."""
-        raise NotImplementedError
+        """``U_l c`` as a (d_out, d_a) matrix, for ``c`` of shape (r,)."""
+        return self.terms(batch).vjp(c)
+
+    def _precondition(self, state, grad, /):
+        raise RuntimeError(
+            f"{type(self).__name__} couples all layers: precondition them together with "
+            "kernel_solve (Driver.precondition with the step's batches)"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,7 +118,10 @@ class LinearKernelBlock(KernelBlock):
     - the kernel is ``K_nk = Σ_{t,t'} (δ_nt · δ_kt')(ā_nt · ā_kt')``, for ``T = 1`` the
       Hadamard product ``(D Dᵀ) ∘ (Ā Āᵀ)``;
     - ``U_lᵀ vec(V)`` is ``Σ_t δ_ntᵀ V ā_nt``;
-    - ``U_l c`` is ``Σ_{n,t} c_n δ_nt ā_ntᵀ``.
+    - ``U_l c`` is ``Σ_{n,t} c_n δ_nt ā_ntᵀ``
+
+    (:class:`curvlin.woodbury.LinearTerms`, which also picks the cheaper of the double sum
+    and the per-example gradients when ``T > 1``).
 
     Examples
     --------
@@ -87,7 +139,8 @@ class LinearKernelBlock(KernelBlock):
     d_in: int
     bias: bool = True
 
-    def _rows(self, batch: LayerBatch):
+    def terms(self, batch: LayerBatch, /) -> LinearTerms:
+        """The layer's :class:`~curvlin.woodbury.LinearTerms` on ``batch``."""
         a, d = batch.inputs, batch.output_grads
         m = batch.n_examples
         if a is None or d is None:
@@ -96,42 +149,26 @@ class LinearKernelBlock(KernelBlock):
         if (
             a.ndim != 2
             or a.shape[1] != self.d_in
-            or tuple(d.shape) != (rows, self.d_out)
+            or d.ndim not in (2, 3)
+            or tuple(d.shape[-2:]) != (rows, self.d_out)
             or rows % m
         ):
             raise ValueError(
                 f"LinearKernelBlock: expected inputs (R, {self.d_in}) and output_grads "
-                f"(R, {self.d_out}) with R a multiple of n_examples={m}, got "
-                f"{tuple(a.shape)} and {tuple(d.shape)}"
+                f"(R, {self.d_out}) or (k, R, {self.d_out}) with R a multiple of "
+                f"n_examples={m}, got {tuple(a.shape)} and {tuple(d.shape)}"
             )
         xp = get_backend(a).xp
-        abar = homogeneous(a, bias=self.bias)
         t = rows // m
+        if xp.finfo(a.dtype).bits < 32:  # half precision: the kernel and its solve in float32
+            a, d = xp.astype(a, xp.float32), xp.astype(d, xp.float32)
         d = d * batch.grad_scale if batch.grad_scale != 1.0 else d
-        return xp, xp.reshape(abar, (m, t, self.d_in + int(self.bias))), xp.reshape(d, (m, t, -1))
-
-    def kernel(self, batch: LayerBatch, /) -> Array:
-        """``U_lᵀ U_l``, shape (m, m)."""
-        xp, abar, d = self._rows(batch)
-        if abar.shape[1] == 1:
-            a2, d2 = abar[:, 0, :], d[:, 0, :]
-            return (d2 @ d2.T) * (a2 @ a2.T)
-        backend = get_backend(abar)
-        dd = backend.einsum("nti,ksi->ntks", d, d)
-        aa = backend.einsum("nti,ksi->ntks", abar, abar)
-        return xp.sum(dd * aa, axis=(1, 3))
-
-    def jvp(self, batch: LayerBatch, v: Array, /) -> Array:
-        """``U_lᵀ vec(v)``, shape (m,), for ``v`` of shape (d_out, d_a)."""
-        xp, abar, d = self._rows(batch)
-        return xp.sum((d @ v) * abar, axis=(1, 2))
-
-    def vjp(self, batch: LayerBatch, c: Array, /) -> Array:
-        """``U_l c`` as a (d_out, d_a) matrix, for ``c`` of shape (m,)."""
-        xp, abar, d = self._rows(batch)
-        m, t = abar.shape[0], abar.shape[1]
-        weighted = xp.reshape(d * c[:, None, None], (m * t, -1))
-        return weighted.T @ xp.reshape(abar, (m * t, -1))
+        lead = tuple(d.shape[:-2])
+        return linear_terms(
+            xp.reshape(a, (m, t, self.d_in)),
+            xp.reshape(d, (*lead, m, t, self.d_out)),
+            bias=self.bias,
+        )
 
 
 def kernel_solve(parts, /, *, damping) -> list[Array]:
@@ -140,15 +177,16 @@ def kernel_solve(parts, /, *, damping) -> list[Array]:
     Parameters
     ----------
     parts : sequence of (KernelBlock, LayerBatch, array)
-        Each layer's block, batch (the same ``m`` examples for every layer) and gradient
-        ``g_l`` as a (d_out, d_a) matrix.
+        Each layer's block, batch (the same ``m`` examples, and output directions, for every
+        layer) and gradient ``g_l`` as a (d_out, d_a) matrix.
     damping : float
         ``λ > 0``.
 
     Returns
     -------
     list of arrays
-        The direction of each layer, shaped like its ``g_l``.
+        The direction of each layer, shaped like its ``g_l``, in the dtype of the kernel (that
+        of the rows; float32 for half-precision rows).
 
     Examples
     --------
@@ -168,13 +206,16 @@ def kernel_solve(parts, /, *, damping) -> list[Array]:
     parts = list(parts)
     if not parts:
         raise ValueError("kernel_solve: parts must hold at least one layer")
-    lam = check_damping(damping, "damping", "kernel_solve")
-    if not lam > 0:
-        raise ValueError(f"kernel_solve: damping must be > 0, got {damping!r}")
-    m = parts[0][1].n_examples
-    if any(batch.n_examples != m for _, batch, _ in parts):
-        raise ValueError("kernel_solve: every layer's batch must hold the same examples")
-    kernel = sum(block.kernel(batch) for block, batch, _ in parts)
-    rhs = sum(block.jvp(batch, g) for block, batch, g in parts)
-    c = spd_solve(kernel, rhs[:, None], damping=lam * m)[:, 0]
-    return [(g - block.vjp(batch, c)) / lam for block, batch, g in parts]
+    terms = [block.terms(batch) for block, batch, _ in parts]
+    m, rows = terms[0].n_examples, terms[0].rows
+    if any((t.n_examples, t.rows) != (m, rows) for t in terms):
+        raise ValueError(
+            "kernel_solve: every layer's batch must hold the same examples (and output directions)"
+        )
+    xp = get_backend(parts[0][2]).xp
+    grads = [xp.astype(g, t.dtype, copy=False) for t, (_, _, g) in zip(terms, parts)]
+    kernel = sum(t.kernel() for t in terms)
+    rhs = sum(t.jvp(g) for t, g in zip(terms, grads))
+    c = woodbury_coefficients(kernel, rhs, damping=damping, n_examples=m)
+    lam = float(damping)
+    return [(g - t.vjp(c)) / lam for t, g in zip(terms, grads)]

@@ -11,6 +11,7 @@ from .diagonal import DiagonalFisher
 from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC, KFACPreconditioner
 from .mbf import MBF
+from .smw import SMWGN, SMWNG
 from .tensor import TNT, Shampoo
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "LOSSES",
     "MBF",
     "MOMENTUM_FORMS",
+    "SMWGN",
+    "SMWNG",
     "TNT",
     "UNSUPPORTED",
     "Conv2dHandler",

@@ -11,6 +11,7 @@ A front only says which block each layer gets.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ...blocks import Block, Driver, LayerBatch, Schedule
 from ...damping import lm_adapt, predicted_change, reduction_ratio
+from ...losses import output_hessian_sqrt
 from ._capture import LayerCapture, check_unsupported, find_layers
 from ._layers import LayerHandler
 from ._params import UNITS, find_params
@@ -30,7 +32,10 @@ __all__ = ["MOMENTUM_FORMS", "Curvature", "CurvatureOptimizer", "Preconditioner"
 #: ``v ← μ v + P(g)``, ``θ ← θ − lr·v`` on the preconditioned direction (torch's SGD applied to
 #: ``P(g)``). Both are torch's heavy-ball accumulation; they differ in where ``P`` acts.
 MOMENTUM_FORMS = ("gradient", "direction")
-FISHERS = ("empirical", "mc")
+#: Where output gradients come from: the ordinary backward (``"empirical"``), sampled targets
+#: (``"mc"``), or the columns of the output-Hessian square root (``"ggn"``, exact Gauss–Newton:
+#: ``k`` output directions per example, for blocks with ``output_directions``).
+FISHERS = ("empirical", "mc", "ggn")
 
 #: The ``"curvlin"`` entry's layout version in every state_dict.
 STATE_FORMAT = 1
@@ -77,11 +82,16 @@ class Curvature:
         The front's name, for messages and checkpoints.
     stats_every, refresh_every, check_every
         The :class:`~curvlin.blocks.Schedule`.
-    fisher : {"empirical", "mc"}
-        Where output gradients come from: the ordinary ``loss.backward()``, or the sampled
-        Fisher's extra backward (:meth:`backward_fisher`).
+    fisher : {"empirical", "mc", "ggn"}
+        Where output gradients come from: the ordinary ``loss.backward()``, the sampled
+        Fisher's extra backward, or (``"ggn"``, for blocks with ``output_directions``) one
+        batched backward of the columns of the output-Hessian square root, the exact
+        Gauss–Newton's ``k`` output directions per example (both :meth:`backward_fisher`).
     loss, loss_reduction, seed
-        The loss (for sampling), how it reduces, and the sampling seed.
+        The loss (for sampling and the output Hessian), how it reduces, and the sampling seed.
+    subsample : int, optional
+        Hand the blocks only the first ``subsample`` examples of each batch (the curvature's
+        subsample; the gradient stays the whole batch's). None: every example.
     factor_dtype : torch.dtype, optional
     unsupported : {"error", "sgd", "adam"} or callable
     units : {"layers", "parameters"}
@@ -109,13 +119,27 @@ class Curvature:
         unsupported="error",
         seed: int = 0,
         units: str = "layers",
+        subsample: int | None = None,
     ):
         if units not in UNITS:
             raise ValueError(f"{owner}: units must be one of {UNITS}, got {units!r}")
         if fisher not in FISHERS:
             raise ValueError(f"{owner}: fisher must be one of {FISHERS}, got {fisher!r}")
-        if fisher == "mc" and loss not in LOSSES:
-            raise ValueError(f"{owner}: fisher='mc' needs loss, one of {LOSSES}; got {loss!r}")
+        if fisher != "empirical" and loss not in LOSSES:
+            raise ValueError(
+                f"{owner}: fisher={fisher!r} needs loss, one of {LOSSES}; got {loss!r}"
+            )
+        if subsample is not None and (
+            isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1
+        ):
+            raise ValueError(
+                f"{owner}: subsample must be a positive int or None, got {subsample!r}"
+            )
+        if subsample is not None and loss_reduction == "sum":
+            raise ValueError(
+                f"{owner}: subsample needs a batch-mean loss (loss_reduction 'mean' or "
+                "'batchmean'): the curvature of a summed loss is not a mean over examples"
+            )
         if loss_reduction not in REDUCTIONS:
             raise ValueError(
                 f"{owner}: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}"
@@ -131,6 +155,7 @@ class Curvature:
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
         self.owner, self.fisher, self.units = owner, fisher, units
+        self.subsample = subsample
         self.loss, self.loss_reduction = loss, loss_reduction
         if units == "parameters":
             self.layers, self.groups = find_params(model, owner=owner)
@@ -156,6 +181,11 @@ class Curvature:
             dtype = factor_dtype or default_factor_dtype(weight.dtype)
             blocks[name], states[name] = block, block.init(weight, dtype=dtype)
         self.driver = Driver(blocks, states, schedule=schedule, owner=owner)
+        if fisher == "ggn" and not all(b.output_directions for b in blocks.values()):
+            raise ValueError(
+                f"{owner}: fisher='ggn' needs blocks that take output directions "
+                "(Block.output_directions)"
+            )
         self.needs = self.driver.needs
         # Parameter units register no hook: an empty capture keeps the same switches.
         if units == "parameters":
@@ -190,11 +220,12 @@ class Curvature:
         self.capture.active = self.driver.stats_due()
 
     def backward_fisher(self, output: torch.Tensor) -> None:
-        """The sampled Fisher's extra backward: labels drawn from ``output``, δ captured."""
-        if self.fisher != "mc":
+        """The extra backward of the sampled Fisher (labels drawn from ``output``) or of the
+        Gauss–Newton matrix (the output-Hessian square root's columns); δ captured."""
+        if self.fisher == "empirical":
             raise RuntimeError(
-                f"{self.owner}: backward_fisher() is for fisher='mc'; the empirical Fisher uses "
-                "the gradients of the ordinary loss.backward()"
+                f"{self.owner}: backward_fisher() is for fisher='mc' or 'ggn'; the empirical "
+                "Fisher uses the gradients of the ordinary loss.backward()"
             )
         if not self.capture.active or self.evaluating:
             return  # not a statistics step (or only the loss is wanted): nothing to sample
@@ -212,22 +243,27 @@ class Curvature:
                 f"{self.owner}: backward_fisher(): no layer was recorded in the forward pass; "
                 "run the model in training mode with gradients enabled"
             )
-        delta = sample_output_grad(
-            output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
-        )
-        grads = torch.autograd.grad(
-            output,
-            [r.output for r in records],
-            grad_outputs=delta,
-            retain_graph=True,
-            allow_unused=True,
-        )
+        outputs = [r.output for r in records]
+        if self.fisher == "ggn":
+            grads = self._backward_directions(output, outputs)
+        else:
+            delta = sample_output_grad(
+                output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
+            )
+            grads = torch.autograd.grad(
+                output, outputs, grad_outputs=delta, retain_graph=True, allow_unused=True
+            )
         keep = self.capture.keep_outputs
         for name, recorded in self.capture.records.items():
             for record in recorded:
                 if keep is not None and name not in keep:
                     record.output = None  # consumed: free the pre-activation now
+        axis = 1 if self.fisher == "ggn" else 0  # the example axis of a captured gradient
+        sub = self.subsample
         for record, grad in zip(records, grads):
+            if grad is not None and sub is not None and grad.shape[axis] > sub:
+                # only the subsample's rows are read: keep a copy of them, free the rest now
+                grad = grad.narrow(axis, 0, sub).clone()
             record.grad = grad  # None for a forward pass that did not lead to ``output``
 
     def _sample_param_grads(self, output: torch.Tensor) -> None:
@@ -274,6 +310,41 @@ class Curvature:
         # says it); 1 where the engine does not count examples (the ordinary gradient).
         return {name: LayerBatch(grad=g, n_examples=n) for name, g in grads.items()}
 
+    def _backward_directions(self, output, outputs):
+        """Gradients of ``q_na · f_n`` for every output direction ``a``: shape (k, m, ...)
+        per recorded output for the ``m`` examples of the subsample (all without one).
+
+        With the whole batch, one batched backward (``is_grads_batched``; a loop where an
+        operation has no batching rule). With a subsample, one backward per direction, each
+        result cut to the subsample at once: the batched backward's ``(k, N, ...)``
+        intermediates would cost ``N/m`` times the memory for rows that are never read."""
+        if output.ndim != 2:
+            raise ValueError(
+                f"{self.owner}: fisher='ggn' needs the network output as (N, D), got "
+                f"{tuple(output.shape)}"
+            )
+        f = output.detach()
+        q = output_hessian_sqrt(
+            f if f.dtype in (torch.float32, torch.float64) else f.float(),
+            loss=self.loss,
+            reduction=self.loss_reduction,
+        )
+        directions = q.permute(2, 0, 1).to(f.dtype)  # (k, N, D), one row per example
+        sub = self.subsample
+        grad = functools.partial(torch.autograd.grad, output, outputs, retain_graph=True,
+                                 allow_unused=True)  # fmt: skip
+        if sub is None or sub >= f.shape[0]:
+            try:
+                return grad(grad_outputs=directions.contiguous(), is_grads_batched=True)
+            except RuntimeError:  # an operation without a batching rule: one backward each
+                sub = f.shape[0]
+        cols = []
+        for d in directions:
+            d = d.clone()
+            d[sub:] = 0
+            cols.append([None if g is None else g[:sub].clone() for g in grad(grad_outputs=d)])
+        return [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
+
     def first_batches(self, *, lazy: bool = False) -> Mapping[str, LayerBatch] | None:
         """This step's batches if it gathers statistics (None otherwise, or once the hooks
         are removed: the last curvature then stays in use); ``lazy`` as in :meth:`collect`."""
@@ -298,7 +369,8 @@ class Curvature:
         # outlive it: a convolution's patches repeat each input entry k_h·k_w times, so its
         # input is the cheaper probe (and the stricter: it also sees entries no patch reads).
         self.input_probes = []
-        sampled = self.fisher == "mc" and not plus
+        sampled = self.fisher != "empirical" and not plus
+        directions = self.fisher == "ggn" and not plus  # output_grads (k, R, d_out)
         examples = self.capture.examples
         for name, recorded in self.capture.records.items():
             # Forward passes whose output never reached a backward (an extra evaluation with
@@ -323,25 +395,59 @@ class Curvature:
             rows_of = sum(handler.n_examples(r.input) for r in records)  # whatever the reduction
             n = examples or rows_of
             mean = self.loss_reduction != "sum"
-            if records[0].rows is not None:  # means over rows, from the hooks
-                rows = lambda values: _weighted_mean(values, [r.rows for r in records])  # noqa: E731
-            else:  # several calls of one layer are concatenated as rows
-                rows = lambda values: _cat([handler.output_rows(v) for v in values])  # noqa: E731
+            sub = n if self.subsample is None else min(self.subsample, n)
+            by_example = block.coupled or sub < n
+            if by_example:
+                _check_examples(self.owner, name, handler, records, n)
+
+            def inputs(r):
+                return handler.input_rows(r.input[:sub] if sub < n else r.input)
+
+            # A block that takes several leading row axes gets a view where one call's
+            # layout allows (no copy of a convolution's output gradients).
+            view = not block.flat_outputs and len(records) == 1 and not by_example
+            rows = handler.output_view if view else handler.output_rows
+
+            def grads(r):
+                g = r.grad
+                if not directions:
+                    return rows(g[:sub] if sub < n else g)
+                g = g[:, :sub] if sub < n else g
+                return rows(g.flatten(0, 1)).view(g.shape[0], -1, handler.d_out)
+
+            # Several calls of one layer are concatenated as rows (for a coupled block or a
+            # subsample, grouped by example: each example's rows stay consecutive); a
+            # row-means block gets one row, the mean its hooks kept.
+            join = functools.partial(_cat_examples, sub) if by_example else _cat
+            outputs = None
+            if records[0].rows is not None:
+                counts = [r.rows for r in records]
+                if "outputs" in needs:
+                    outputs = _weighted_mean([r.output for r in records], counts)
+                output_grads = _weighted_mean([r.grad for r in records], counts)
+            else:
+                if "outputs" in needs:
+                    outputs = join([rows(r.output.detach()[:sub]) for r in records])
+                output_grads = join([grads(r) for r in records])
             return LayerBatch(
-                inputs=_cat([handler.input_rows(r.input) for r in records])
+                inputs=join([inputs(r) for r in records])
                 if "inputs" in needs and not plus
                 else None,
-                outputs=rows([r.output.detach() for r in records]) if "outputs" in needs else None,
-                output_grads=rows([r.grad for r in records]),
-                n_examples=n if mean else 1,
+                outputs=outputs,
+                output_grads=output_grads,
+                n_examples=sub if mean else 1,
                 # autograd's gradient of a batch-mean loss is δ / N; sampled δ are per-example
                 grad_scale=float(n) if mean and not sampled else 1.0,
-                examples=rows_of,
+                examples=rows_of if sub == n else sub,
             )
 
         self.capture.clear()
         if not plan:
-            how = "opt.backward_fisher(output)" if self.fisher == "mc" and not plus else "backward"
+            how = (
+                "opt.backward_fisher(output)"
+                if self.fisher != "empirical" and not plus
+                else "backward"
+            )
             raise RuntimeError(
                 f"{self.owner}: no layer was captured with its output gradient on a statistics "
                 "step: run the forward pass in training mode (model.train()) with gradients "
@@ -434,13 +540,14 @@ class Curvature:
         committed) and the batches a second pass or a check will read, or None when the step
         is skipped (nothing changed but the skip counter)."""
         driver = self.driver
-        keep = "second_pass" in self.needs or driver.check_due()
+        # Coupled blocks precondition from the batches: they are kept (and checked) as well.
+        keep = "second_pass" in self.needs or driver.check_due() or driver.coupled
         batches = self.first_batches(lazy=not keep)
         self.check_seen(grads, batches)
         stats = driver.statistics(batches) if batches else None
         probes = [t for pair in grads.values() for t in pair if t is not None] + list(probes)
         probes += driver.probes(stats)
-        if "second_pass" in self.needs and batches:
+        if ("second_pass" in self.needs or driver.coupled) and batches:
             probes += _batch_probes(self, batches)
         if not driver.all_finite(probes):
             driver.skip()
@@ -617,6 +724,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self._curv.driver.skipped
 
     @property
+    def fisher(self) -> str:
+        """Where the curvature's output gradients come from: ``"empirical"`` (the ordinary
+        backward), ``"mc"`` or ``"ggn"`` (the closure calls :meth:`backward_fisher`)."""
+        return self._curv.fisher
+
+    @property
     def repaired_factors(self) -> int:
         """Factors rebuilt by the periodic check (``check_every``)."""
         return self._curv.driver.repaired
@@ -680,13 +793,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
         others = [p for p in curv.other_params if p.grad is not None]
-        damping = {name: group_of[id(h.weight)]["damping"] for name, h in curv.layers.items()}
+        damping = {name: self.curvature_damping(group_of[id(h.weight)])
+                   for name, h in curv.layers.items()}  # fmt: skip
         first = curv.first_pass(grads, [p.grad for p in others], damping=damping)
         if first is None:
             return loss  # skipped: nothing changed
         states, batches = first
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
-        directions = driver.directions(states, grads if buffers is None else buffers)
+        directions = driver.directions(
+            states, grads if buffers is None else buffers, batches=batches, damping=damping
+        )
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
         model = None
         if self.kl_clip is None and not adapt:
@@ -702,6 +818,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # The directions and the gradient views are spent: free them before a second pass
         # (the closure's zero_grad can only free ``.grad`` if nothing else holds it).
         updates = directions = buffers = grads = p = direction = new_buffer = pair = None
+        if not (curv.second_pass_due or driver.check_due()):
+            batches = None  # a coupled solve's rows are spent
         self._fallback_step(others, group_of)
         loss_plus = None
         if curv.second_pass_due and batches:
@@ -728,6 +846,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if adapt and model is not None:
             self._adapt_damping(loss, loss_plus, closure, model)
         return loss
+
+    @staticmethod
+    def curvature_damping(group) -> float:
+        """The damping the blocks get from a curvature param group: its ``damping``. A front
+        whose curvature absorbs the L2 term (its curvature ``τI`` is exact) returns
+        ``damping + weight_decay`` instead."""
+        return group["damping"]
 
     def _adapt_damping(self, loss, loss_plus, closure, model) -> None:
         """The Levenberg–Marquardt rule on the curvature groups' damping (one host sync)."""
@@ -958,6 +1083,27 @@ def _weighted_mean(means: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
     return (sum(m * r for m, r in zip(means, rows)) / sum(rows))[None]
 
 
+def _cat_examples(n: int, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several calls of one layer on the same ``n`` examples, ``(..., n·T_i, d)``
+    each, as ``(..., n·ΣT_i, d)`` with each example's rows consecutive."""
+    if len(rows) == 1:
+        return rows[0]
+    lead = rows[0].shape[:-2]
+    parts = [r.reshape(*lead, n, -1, r.shape[-1]) for r in rows]
+    return torch.cat(parts, dim=-2).reshape(*lead, -1, rows[0].shape[-1])
+
+
+def _check_examples(owner, name, handler, records, n) -> None:
+    """Every call of a layer must see the batch's ``n`` examples on its leading axis."""
+    for r in records:
+        if handler.n_examples(r.input) != n:
+            raise RuntimeError(
+                f"{owner}: layer {name!r} saw {handler.n_examples(r.input)} examples in one "
+                f"call and the batch has {n}: a subsample or a coupled method needs every "
+                "call of a layer to see the whole batch on its leading axis"
+            )
+
+
 class Preconditioner:
     """Any curvlin method in front of any torch optimizer: :meth:`step` rewrites ``.grad``.
 
@@ -1061,7 +1207,8 @@ class Preconditioner:
                 return False  # skipped: gradients and curvature untouched
             states, batches = first
             second = "second_pass" in curv.needs and batches
-            for name, (dw, db) in driver.directions(states, grads):
+            directions = driver.directions(states, grads, batches=batches, damping=damping)
+            for name, (dw, db) in directions:
                 h = curv.layers[name]
                 for p, d in zip(h.params, (dw, db)):
                     if p is not None and p.grad is not None and d is not None:

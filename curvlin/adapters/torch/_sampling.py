@@ -13,7 +13,8 @@ Fisher draws ``ŷ_n ~ p(· | f_n)`` and uses ``δ_n = √c · ∇_f(−log p(ŷ_
 
 For the last two, ``c = 1/D`` with ``reduction="mean"`` (torch's default: the mean over all
 ``N·D`` elements) and ``c = 1`` with ``"sum"`` or ``"batchmean"`` (summed over the ``D``
-outputs, averaged over the batch, the convention of the second-order literature).
+outputs, averaged over the batch, the convention of the second-order literature). The scales
+and the exact output Hessians these draws estimate live in :mod:`curvlin.losses`.
 
 References
 ----------
@@ -28,10 +29,9 @@ import math
 import torch
 from torch.nn import functional as F
 
-__all__ = ["LOSSES", "REDUCTIONS", "sample_output_grad"]
+from ...losses import LOSSES, REDUCTIONS, loss_scale
 
-LOSSES = ("cross_entropy", "bce_with_logits", "mse")
-REDUCTIONS = ("mean", "batchmean", "sum")
+__all__ = ["LOSSES", "REDUCTIONS", "sample_output_grad"]
 
 
 def sample_output_grad(
@@ -76,8 +76,7 @@ def sample_output_grad(
             f"sample_output_grad: output must have shape (N, D), got {tuple(output.shape)}"
         )
     f = output.detach()
-    per_example = reduction != "mean" or loss == "cross_entropy"
-    c = 1.0 if per_example else 1.0 / f.shape[1]
+    c = loss_scale(loss, reduction, f.shape[1])
     if loss == "cross_entropy":
         probs = F.softmax(f.float(), dim=1)
         # Inverse-CDF draws: NaN logits give NaN δ (and a skipped step), never an exception.
