@@ -120,7 +120,7 @@ MODES = (
 PROBLEMS = ("autoencoder", "cnn")
 #: Layer widths of the MNIST autoencoder; no activation after the code (30) and output layers.
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-BATCH = 1000
+BATCH = 100 if SMOKE else 1000  # a smoke run only checks that the code runs
 _CODE_LAYER = SIZES.index(30) - 1  # index of the Linear whose output is the code
 
 #: The amortised schedule (both modes) and the every-step schedule.
@@ -164,7 +164,7 @@ def _torch_device(device: str):
 CNN_CHANNELS = (3, 32, 64, 64)
 CNN_IMAGE = 32
 CNN_CLASSES = 10
-CNN_BATCH = 128
+CNN_BATCH = 16 if SMOKE else 128
 #: asv parameter of :class:`CNNStep`: the modes run on the CNN (the amortised ones add
 #: nothing new there).
 CNN_MODES = ("sgd", "kfac-empirical", "kfac-mc", "kbfgs", "kbfgsl")

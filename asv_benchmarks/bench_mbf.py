@@ -36,12 +36,13 @@ import os
 
 import numpy as np
 
+from . import bench_kfac
 from .bench_kfac import DEVICES, Trainer, _interleaved_minima, _torch_device, build_trainer
-from .common import XPBenchmark, cached, min_times
+from .common import SMOKE, XPBenchmark, cached, min_times
 
 #: asv parameters of :class:`BlockInverse`.
 BLOCK_BACKENDS = ("numpy", "torch", "torch-cuda", "cupy")
-BLOCK_COUNTS = (10_000, 1_000_000)
+BLOCK_COUNTS = (10_000,) if SMOKE else (10_000, 1_000_000)
 BLOCK_SIZES = (9, 64)
 _LOOP_BLOCKS = 2000
 _DENSE_MAX = 2048
@@ -162,7 +163,7 @@ class BlockInverse(XPBenchmark):
 STEP_PROBLEMS = ("cnn", "autoencoder")
 _LR_MBF, _DAMPING_MBF, _MOMENTUM = 1e-3, 1e-1, 0.9
 #: Interleaved rounds of the ratio.
-_ROUNDS = 5
+_ROUNDS = 1 if SMOKE else 5
 #: Environment variable that enables the autoencoder on the CPU.
 _FULL = "CURVLIN_BENCH_FULL"
 
@@ -179,48 +180,19 @@ def build_mbf_trainer(device: str, problem: str) -> Trainer:
     return trainer
 
 
-def peak_mib(mode: str, device: str, problem: str, *, steps: int = 4) -> float:
+def peak_mib(mode: str, device: str, problem: str) -> float:
     """Peak memory (MiB) of a fresh ``mode`` run ("sgd" or "mbf"); see ``bench_kfac.peak_mib``."""
-    import re
 
-    import torch
+    def build(mode, device, problem):
+        if mode == "mbf":
+            return build_mbf_trainer(device, problem)
+        return build_trainer("sgd", device, problem)
 
-    trainer = (
-        build_mbf_trainer(device, problem)
-        if mode == "mbf"
-        else build_trainer("sgd", device, problem)
-    )
-    for _ in range(steps):
-        trainer.step()
-    trainer.check()
-    if trainer.x.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(trainer.x.device) / 2**20
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)\s+kB", f.read()).group(1)) / 2**10
+    return bench_kfac.peak_mib(mode, device, problem, build=build)
 
 
 def _peak_in_subprocess(mode: str, device: str, problem: str) -> float:
-    import json
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here) if "." in __name__ else here
-    code = (
-        "import json, sys, importlib\n"
-        f"sys.path.insert(0, {root!r})\n"
-        f"m = importlib.import_module({__name__!r})\n"
-        f"print(json.dumps(m.peak_mib({mode!r}, {device!r}, {problem!r})))\n"
-    )
-    env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=600,
-        env=env,
-    )  # fmt: skip
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+    return bench_kfac._peak_in_subprocess(mode, device, problem, module=__name__)
 
 
 class MBFStep:

@@ -28,6 +28,9 @@ batch) and 3.0× (CNN), +77 MiB on the autoencoder.
 
 from __future__ import annotations
 
+import functools
+
+from . import bench_kfac
 from .bench_kfac import DEVICES, ratio_every_step
 from .common import cached
 
@@ -42,8 +45,6 @@ class SMWTrainer:
     def __init__(self, mode: str, device: str, problem: str):
         import torch
         from torch.nn import functional as F
-
-        from . import bench_kfac
 
         dev = bench_kfac._torch_device(device)
         gen = torch.Generator().manual_seed(1234)
@@ -97,54 +98,16 @@ class SMWTrainer:
             raise RuntimeError(f"bench_smw: {self.mode} skipped steps (NaN or inf)")
 
 
-def peak_mib(mode: str, device: str, problem: str, steps: int = 4) -> float:
-    """Peak memory in MiB of a fresh run (one warm-up and ``steps`` more steps)."""
-    import os
-    import re
-    import resource
-
-    import torch
-
-    trainer = SMWTrainer(mode, device, problem)
-    for _ in range(steps):
-        trainer.step()
-    trainer.check()
-    if trainer.x.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(trainer.x.device) / 2**20
-    if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            found = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
-        if found:
-            return int(found.group(1)) / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
-def _peak_in_subprocess(mode: str, device: str, problem: str) -> float:
-    import json
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here) if "." in __name__ else here
-    code = (
-        "import json, sys, importlib\n"
-        f"sys.path.insert(0, {root!r})\n"
-        f"m = importlib.import_module({__name__!r})\n"
-        f"print(json.dumps(m.peak_mib({mode!r}, {device!r}, {problem!r})))\n"
-    )
-    env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
-    }
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=600, env=env)  # fmt: skip
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+def peak_mib(mode: str, device: str, problem: str) -> float:
+    """Peak memory in MiB of a fresh run (:func:`bench_kfac.peak_mib` with this module's
+    trainers)."""
+    return bench_kfac.peak_mib(mode, device, problem, build=SMWTrainer)
 
 
 def peak_over_sgd_mib(mode: str, device: str, problem: str) -> float:
     """Extra peak memory of ``mode`` over SGD, MiB (each in a fresh process)."""
-    return _peak_in_subprocess(mode, device, problem) - _peak_in_subprocess("sgd", device, problem)
+    here = functools.partial(bench_kfac._peak_in_subprocess, module=__name__)
+    return here(mode, device, problem) - here("sgd", device, problem)
 
 
 class _Step:
