@@ -8,7 +8,8 @@ per layer and asks the driver, in this order:
    and stop (nothing else changes);
 2. :meth:`Driver.statistics` (reduced across ranks by the distributor), whose
    :meth:`Driver.probes` join the finiteness check of step 1, then :meth:`Driver.fold_refresh`:
-   fold, and refresh when due; it returns the new states without committing them;
+   fold, and refresh when due; it returns the new states without committing them (or, with
+   ``install``, puts each in place of the current one as it is made);
 3. :meth:`Driver.precondition` with those states (and, for coupled blocks, the step's
    batches: their layers are solved together);
 4. the adapter updates the parameters; then, on statistics steps of a method with a second
@@ -17,8 +18,9 @@ per layer and asks the driver, in this order:
    with the batch seen again;
 5. :meth:`Driver.check` when due, and :meth:`Driver.commit`.
 
-Nothing is written to the driver before :meth:`commit`, so an exception anywhere before it
-leaves the optimizer's state as it was.
+Without ``install`` nothing is written to the driver before :meth:`commit`, so an exception
+anywhere before it leaves the optimizer's state as it was; an adapter that installs does so
+only past the finiteness verdict, after which the step commits whatever follows.
 """
 
 from __future__ import annotations
