@@ -163,6 +163,10 @@ class DiagonalFisherBlock(Block):
             return state
         return replace(state, inverse=1.0 / (state.f + damping))
 
+    def release(self, state: DiagonalFisherState, /) -> DiagonalFisherState:
+        """``F`` without its inverse (rebuilt by the next :meth:`refresh`)."""
+        return replace(state, inverse=None)
+
     def ready(self, state: DiagonalFisherState, /) -> bool:
         """Whether :meth:`refresh` has cached an inverse."""
         return state.inverse is not None

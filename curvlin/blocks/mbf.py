@@ -195,6 +195,10 @@ class MBFBlock(Block):
             return state
         return replace(state, inverses=block_inverse(state.blocks, damping=damping))
 
+    def release(self, state: MBFState, /) -> MBFState:
+        """The block statistics without the inverses (rebuilt by the next :meth:`refresh`)."""
+        return replace(state, inverses=None)
+
     def ready(self, state: MBFState, /) -> bool:
         """Whether :meth:`refresh` has cached the inverses."""
         return state.inverses is not None
