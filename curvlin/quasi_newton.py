@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 from array_api_compat import device as _device
 
+from ._rows import Rows
 from ._validation import check_square, namespace_of
 from .backends import Array, Backend, get_backend
 
@@ -826,11 +827,12 @@ def hessian_action_update_minibatch(
     ----------
     h_a : array, shape (d_a, d_a)
         The current symmetric positive definite approximation of ``(A + λ_A I)⁻¹``; not modified.
-    x : array, shape (..., d_a)
+    x : array of shape (..., d_a), or Rows
         The layer-input rows ``x̄``, leading axes flattened into ``R`` rows: ``(m, d_a)`` for a
-        linear layer, ``(m, T, d_a)`` or ``(m·T, d_a)`` of unfolded patches for a convolution.
-        Include the homogeneous 1 as the last entry of each row if the bias is preconditioned
-        by ``H_a`` (``spec/kbfgs.md`` §1).
+        linear layer, ``(m, T, d_a)`` or ``(m·T, d_a)`` of unfolded patches for a convolution,
+        or a :class:`curvlin.blocks.Rows` of shape (R, d_a), read only through its products
+        (which need not build the patches). Include the homogeneous 1 as the last entry of
+        each row if the bias is preconditioned by ``H_a`` (``spec/kbfgs.md`` §1).
     u : array, shape (d_a,)
         The direction probed (K-BFGS: the mean row of ``x̄``, last entry 1).
     n_examples : int
@@ -875,7 +877,8 @@ def hessian_action_update_minibatch(
     True
     """
     func = "hessian_action_update_minibatch"
-    backend = namespace_of(("h_a", h_a), ("x", x), ("u", u), func=func)
+    given = x.like if isinstance(x, Rows) else x
+    backend = namespace_of(("h_a", h_a), ("x", given), ("u", u), func=func)
     d = check_square(h_a, "h_a", func, stacked=False)
     if not isinstance(homogeneous, bool):
         raise TypeError(f"{func}: homogeneous must be a bool, got {homogeneous!r}")
@@ -891,13 +894,13 @@ def hessian_action_update_minibatch(
     damping = _check_scalar(damping, "damping", func, like=h_a, strict=False)
     min_curvature = _check_scalar(min_curvature, "min_curvature", func, like=h_a, strict=False)
     xp = backend.xp
-    rows = xp.reshape(x, (-1, columns))
+    rows = x if isinstance(x, Rows) else Rows(xp.reshape(x, (-1, columns)))
     s_a = h_a @ u
     if homogeneous:  # [x, 1] s_a = x s_a[:-1] + s_a[-1];  [x, 1]ᵀ z = [xᵀz, Σ z]
-        z = rows @ s_a[:-1] + s_a[-1]
-        y_a = xp.concat([z @ rows, xp.sum(z, keepdims=True)]) / float(n_examples)
+        z = rows.matvec(s_a[:-1]) + s_a[-1]
+        y_a = xp.concat([rows.rmatvec(z), xp.sum(z, keepdims=True)]) / float(n_examples)
     else:
-        y_a = ((rows @ s_a) @ rows) / float(n_examples)
+        y_a = rows.rmatvec(rows.matvec(s_a)) / float(n_examples)
     if not _is_zero(damping):
         y_a = y_a + _as_dtype(xp, damping, h_a.dtype) * s_a
     return _bfgs(backend, h_a, s_a, y_a, min_curvature)

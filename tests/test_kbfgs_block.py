@@ -588,3 +588,24 @@ def test_argument_validation():
         block.pair(np.ones((4, 3)), np.ones((5, 3)), np.ones((4, 3)), np.ones((4, 3)))
     with pytest.raises(ValueError, match="update_a"):
         block.update_h_a(state, np.ones((4, 2)), n_examples=4, damping=0.1)
+
+
+@pytest.mark.parametrize("a_update", ["ema", "minibatch"])
+def test_rows_give_the_same_states_as_arrays(a_update, xp, to_xp, to_np, rng):
+    # The adapter may hand input rows as a Rows (a convolution's patches through products):
+    # every input-side update is then the same as with the array.
+    from curvlin.blocks import LayerBatch, Rows
+
+    block = KBFGSLBlock(d_out=3, d_in=5, a_update=a_update)
+    x = to_xp(rng.standard_normal((40, 5)))
+    init = block.init(x)
+    for inputs in (x, Rows(x)):
+        batch = LayerBatch(inputs=inputs, n_examples=8)
+        state = block.fold(init, block.statistics(init, batch), damping=LAM)
+        state = block.before_second_pass(state, batch, damping=LAM)
+        state, rebuilt = block.repair(state, inputs, n_examples=8, damping=LAM)
+        assert rebuilt == ()
+        if inputs is x:
+            expected = to_np(state.h_a)
+        else:
+            np.testing.assert_allclose(to_np(state.h_a), expected, rtol=1e-12, atol=1e-12)

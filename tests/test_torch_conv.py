@@ -7,7 +7,15 @@ import torch
 from _torch_models import conv_patches, one_thread
 from torch import nn
 
-from curvlin.adapters.torch import KFAC, Conv2dHandler, KFACPreconditioner, handler_for
+from curvlin.adapters.torch import (
+    KBFGS,
+    KBFGSL,
+    KFAC,
+    Conv2dHandler,
+    KFACPreconditioner,
+    handler_for,
+)
+from curvlin.adapters.torch._layers import ConvRows
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +71,59 @@ def test_input_rows_times_reshaped_weight_is_conv_output(kwargs):
     torch.testing.assert_close(
         handler.weight_grad(conv.weight), conv.weight.reshape(c_out, -1), rtol=0, atol=0
     )
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kwargs", CONVS, ids=str)
+def test_conv_rows_reductions_equal_those_of_the_patches(kwargs):
+    conv = _conv(kwargs)
+    x = torch.randn(5, 3, 9, 8, dtype=torch.float64)
+    handler = handler_for(conv)
+    patches = handler.input_rows(x)
+    rows = handler.rows(x)
+    assert isinstance(rows, ConvRows)
+    assert rows.shape == tuple(patches.shape)
+    assert rows.dtype == torch.float64
+    v = torch.randn(patches.shape[1], dtype=torch.float64)
+    w = torch.randn(patches.shape[0], dtype=torch.float64)
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(rows.matvec(v), patches @ v, **close)
+    torch.testing.assert_close(rows.rmatvec(w), w @ patches, **close)
+    torch.testing.assert_close(rows.sum(), patches.sum(0), **close)
+    torch.testing.assert_close(rows.gram(scale=0.5), 0.5 * patches.T @ patches, **close)
+    assert torch.equal(rows.array(), patches)
+    single = rows.astype(torch.float32)
+    assert single.dtype == torch.float32
+    assert single.matvec(v).dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", [KBFGS, KBFGSL])
+def test_kbfgs_builds_no_batch_of_patches_whole(method, monkeypatch):
+    # After the warm start (whose Gram matrix is built over chunks of examples), K-BFGS reads
+    # a convolution's rows through products only: no patches at all.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x, t = torch.randn(16, 3, 6, 6), torch.randn(16, 2)
+    built = []
+    patches = Conv2dHandler.patches
+    monkeypatch.setattr(
+        Conv2dHandler, "patches", lambda self, x: built.append(x.shape[0]) or patches(self, x)
+    )
+    opt = method(model, lr=0.01, check_every=1000)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert built
+    assert max(built) < 16
+    built.clear()
+    for _ in range(3):
+        opt.step(closure)
+    assert built == []
 
 
 @pytest.mark.parametrize(

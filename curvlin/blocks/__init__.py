@@ -7,7 +7,16 @@ through one m×m kernel use the second protocol, :class:`KernelBlock` and :func:
 """
 
 from ._schedule import Schedule
-from .base import NEEDS, Block, BlockState, LayerBatch, homogeneous, homogeneous_gram
+from .base import (
+    NEEDS,
+    Block,
+    BlockState,
+    LayerBatch,
+    Rows,
+    as_rows,
+    homogeneous,
+    homogeneous_gram,
+)
 from .diagonal import DiagonalFisherBlock, DiagonalFisherState
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
 from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
@@ -46,11 +55,13 @@ __all__ = [
     "LinearKernelBlock",
     "MBFBlock",
     "MBFState",
+    "Rows",
     "Schedule",
     "ShampooBlock",
     "TNTBlock",
     "TensorBlock",
     "TensorState",
+    "as_rows",
     "homogeneous",
     "homogeneous_gram",
     "kernel_solve",

@@ -35,9 +35,19 @@ from typing import ClassVar
 
 from array_api_compat import device as _device
 
+from .._rows import Rows, as_rows
 from ..backends import Array, get_backend
 
-__all__ = ["NEEDS", "Block", "BlockState", "LayerBatch", "homogeneous", "homogeneous_gram"]
+__all__ = [
+    "NEEDS",
+    "Block",
+    "BlockState",
+    "LayerBatch",
+    "Rows",
+    "as_rows",
+    "homogeneous",
+    "homogeneous_gram",
+]
 
 #: What a block may need from a step: the layer's input rows, its output (pre-activation)
 #: rows, per-example output-gradient rows, and a second forward/backward pass on the same batch
@@ -52,9 +62,10 @@ class LayerBatch:
 
     Attributes
     ----------
-    inputs : array of shape (R, d_in), or None
+    inputs : array of shape (R, d_in), Rows, or None
         Layer inputs without the homogeneous 1: one row per example, or per example and
-        spatial position for a convolution (im2col patches).
+        spatial position for a convolution (im2col patches); a :class:`Rows` for a block with
+        ``inputs_as_rows``.
     outputs : array of shape (R, d_out), or None
         The layer's outputs (pre-activations) on the same rows (for a block with
         ``row_means``, possibly their mean over the rows, shape ``(1, d_out)``).
@@ -91,7 +102,8 @@ class LayerBatch:
 
     def arrays(self) -> list[Array]:
         """The arrays that are set (for a finiteness check)."""
-        items = (self.inputs, self.outputs, self.output_grads, self.grad)
+        inputs = self.inputs.like if isinstance(self.inputs, Rows) else self.inputs
+        items = (inputs, self.outputs, self.output_grads, self.grad)
         return [a for a in items if a is not None]
 
 
@@ -133,13 +145,14 @@ def homogeneous(x: Array, /, *, bias: bool) -> Array:
     return xp.concat([x, xp.ones((x.shape[0], 1), dtype=x.dtype, device=_device(x))], axis=1)
 
 
-def homogeneous_gram(x: Array, /, *, bias: bool, scale: float = 1.0) -> Array:
+def homogeneous_gram(x: Array | Rows, /, *, bias: bool, scale: float = 1.0) -> Array:
     """``scale · x̄ᵀx̄`` for ``x̄ = [x, 1]`` (``bias``) or ``x̄ = x``, without forming ``x̄``.
 
     ``x̄ᵀx̄ = [[xᵀx, xᵀ1], [1ᵀx, R]]``: the Gram matrix of the ``R`` rows ``x``, their column
     sums and ``R``, assembled in one (d + 1, d + 1) array. The rows are never copied, so a
     large batch of im2col patches costs no second copy; the result equals the Gram matrix of
-    the concatenated rows up to rounding, and is exactly symmetric.
+    the concatenated rows up to rounding, and is exactly symmetric. ``x`` may be a
+    :class:`Rows` (its :meth:`Rows.gram` and :meth:`Rows.sum` are used).
 
     Examples
     --------
@@ -150,17 +163,18 @@ def homogeneous_gram(x: Array, /, *, bias: bool, scale: float = 1.0) -> Array:
     >>> np.array_equal(homogeneous_gram(x, bias=True), xb.T @ xb)
     True
     """
-    backend = get_backend(x)
+    rows = as_rows(x)
     if not bias:
-        return backend.gram(x, scale=scale)
-    xp = backend.xp
-    d = x.shape[1]
-    out = xp.empty((d + 1, d + 1), dtype=x.dtype, device=_device(x))
-    out[:d, :d] = backend.gram(x, scale=scale)
-    col = xp.sum(x, axis=0) * scale
+        return rows.gram(scale=scale)
+    gram = rows.gram(scale=scale)
+    xp = get_backend(gram).xp
+    d = rows.shape[1]
+    out = xp.empty((d + 1, d + 1), dtype=gram.dtype, device=_device(gram))
+    out[:d, :d] = gram
+    col = rows.sum() * scale
     out[:d, d] = col
     out[d, :d] = col
-    out[d, d] = float(x.shape[0]) * scale
+    out[d, d] = float(rows.shape[0]) * scale
     return out
 
 
@@ -209,6 +223,11 @@ class Block:
     #: one row, the mean, of shape ``(1, d_out)``: no pre-activation or output gradient
     #: outlives the hook that sees it. Such a block must also accept full rows.
     row_means: ClassVar[bool] = False
+    #: Whether the block reads ``inputs`` only through the reductions of :class:`Rows` (column
+    #: sums, products with a vector, the Gram matrix). Then an adapter may hand a
+    #: :class:`Rows` that never builds the rows whole (a convolution's im2col patches). Such a
+    #: block must also accept the (R, d_in) array.
+    inputs_as_rows: ClassVar[bool] = False
     #: Whether ``outputs`` and ``output_grads`` must be 2-D rows ``(R, d_out)``. A block that
     #: accepts ``(..., d_out)`` arrays with several leading row axes (a convolution's
     #: ``(N, T, d_out)`` view of its ``(N, d_out, H, W)`` output) sets False, which spares the

@@ -58,7 +58,7 @@ from ..quasi_newton import (
     lbfgs_init,
     lbfgs_push,
 )
-from .base import Block, BlockState, LayerBatch, homogeneous, homogeneous_gram
+from .base import Block, BlockState, LayerBatch, Rows, homogeneous, homogeneous_gram
 
 __all__ = ["KBFGSBlock", "KBFGSLBlock", "KBFGSState"]
 
@@ -226,6 +226,9 @@ class KBFGSBlock(Block):
     )
     #: Outputs and their gradients are only averaged over rows (the pair, ``ḡ``).
     row_means: ClassVar[bool] = True
+    #: Inputs are read through their Gram matrix (the first batch, a repair), their mean
+    #: and two products with a vector (the minibatch ``H_a`` update).
+    inputs_as_rows: ClassVar[bool] = True
 
     d_out: int
     d_in: int
@@ -297,8 +300,9 @@ class KBFGSBlock(Block):
         self._check_rows(x, "homogeneous")
         return homogeneous(x, bias=self.bias)
 
-    def _check_rows(self, x: Array, /, method: str) -> None:
-        namespace_of(("x", x), func=f"{type(self).__name__}.{method}")
+    def _check_rows(self, x: Array | Rows, /, method: str) -> None:
+        given = x.like if isinstance(x, Rows) else x
+        namespace_of(("x", given), func=f"{type(self).__name__}.{method}")
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(
                 f"{type(self).__name__}: x must have shape (R, {self.d_in}), got {tuple(x.shape)}"
@@ -429,7 +433,7 @@ class KBFGSBlock(Block):
         xp = get_backend(state.h_a).xp
         self._check_rows(x, "update_h_a")
         x = _cast(xp, x, state.h_a.dtype)  # the 1s of x̄ stay implicit: no copy of the rows
-        u = xp.mean(x, axis=0)
+        u = (x.sum() / float(x.shape[0])) if isinstance(x, Rows) else xp.mean(x, axis=0)
         if self.bias:
             u = xp.concat([u, xp.ones((1,), dtype=u.dtype, device=_device(u))])
         min_curvature = self.skip_threshold * xp.linalg.vector_norm(u)
@@ -670,5 +674,7 @@ def _check_examples(n, owner: str) -> int:
     return n
 
 
-def _cast(xp, a: Array, dtype) -> Array:
-    return a if a.dtype == dtype else xp.astype(a, dtype)
+def _cast(xp, a: Array | Rows, dtype) -> Array | Rows:
+    if a.dtype == dtype:
+        return a
+    return a.astype(dtype) if isinstance(a, Rows) else xp.astype(a, dtype)

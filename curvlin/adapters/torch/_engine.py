@@ -403,6 +403,12 @@ class Curvature:
             def inputs(r):
                 return handler.input_rows(r.input[:sub] if sub < n else r.input)
 
+            def input_batch():
+                if block.inputs_as_rows and len(records) == 1:  # never built whole
+                    r = records[0]
+                    return handler.rows(r.input[:sub] if sub < n else r.input)
+                return join([inputs(r) for r in records])
+
             # A block that takes several leading row axes gets a view where one call's
             # layout allows (no copy of a convolution's output gradients).
             view = not block.flat_outputs and len(records) == 1 and not by_example
@@ -430,9 +436,7 @@ class Curvature:
                     outputs = join([rows(r.output.detach()[:sub]) for r in records])
                 output_grads = join([grads(r) for r in records])
             return LayerBatch(
-                inputs=join([inputs(r) for r in records])
-                if "inputs" in needs and not plus
-                else None,
+                inputs=input_batch() if "inputs" in needs and not plus else None,
                 outputs=outputs,
                 output_grads=output_grads,
                 n_examples=sub if mean else 1,

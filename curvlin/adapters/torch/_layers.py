@@ -12,6 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...backends import get_backend
+from ...blocks import Rows
+
 __all__ = ["Conv2dHandler", "LayerHandler", "LinearHandler", "handler_for", "register_layer"]
 
 
@@ -47,6 +50,11 @@ class LayerHandler:
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of layer inputs, shape (R, d_in)."""
         raise NotImplementedError
+
+    def rows(self, x: torch.Tensor) -> Rows:
+        """The rows of :meth:`input_rows` as a :class:`~curvlin.blocks.Rows` (for blocks with
+        ``inputs_as_rows``); by default the built array."""
+        return Rows(self.input_rows(x))
 
     def output_rows(self, grad: torch.Tensor) -> torch.Tensor:
         """Rows of output gradients, shape (R, d_out), matching :meth:`input_rows`."""
@@ -97,6 +105,20 @@ class Conv2dHandler(LayerHandler):
             )
         super().__init__(module)
 
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the module's zero padding applied (``x`` itself without padding)."""
+        m = self.module
+        if isinstance(m.padding, str):  # "same"/"valid": torch stores the explicit (maybe odd) pads
+            pads = m._reversed_padding_repeated_twice
+        else:
+            pads = (m.padding[1], m.padding[1], m.padding[0], m.padding[0])
+        return F.pad(x, pads) if any(pads) else x
+
+    def rows(self, x):
+        """The patches of ``x`` as :class:`ConvRows`: products by convolutions, the Gram
+        matrix over chunks of examples; no batch of patches is built whole."""
+        return ConvRows(self, self.padded(x))
+
     def input_rows(self, x):
         """Patches of ``(N, c_in, H, W)`` as rows ``(N·T, c_in·k_h·k_w)``, T output positions.
 
@@ -105,13 +127,11 @@ class Conv2dHandler(LayerHandler):
         its (N, c_in·k_h·k_w, T) intermediate (a second copy of every patch) and about twice
         as fast on a CPU.
         """
+        return self.patches(self.padded(x))
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`input_rows` of an input already padded (:meth:`padded`)."""
         m = self.module
-        if isinstance(m.padding, str):  # "same"/"valid": torch stores the explicit (maybe odd) pads
-            pads = m._reversed_padding_repeated_twice
-        else:
-            pads = (m.padding[1], m.padding[1], m.padding[0], m.padding[0])
-        if any(pads):
-            x = F.pad(x, pads)
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         n, c, height, width = x.shape
         h_out = (height - dh * (kh - 1) - 1) // sh + 1
@@ -133,6 +153,72 @@ class Conv2dHandler(LayerHandler):
     def output_view(self, out):
         """Outputs ``(N, c_out, H', W')`` as a ``(N, T, c_out)`` view: rows on two axes."""
         return out.flatten(2).transpose(1, 2)
+
+
+class ConvRows(Rows):
+    """A convolution's im2col patches ``P`` (R = N·T rows of ``c_in·k_h·k_w``) known through
+    the input: ``P v`` is a convolution with one output channel, ``Pᵀw`` the weight gradient
+    of that convolution for the output gradient ``w``, and ``PᵀP`` is summed over chunks of
+    examples whose patches take about as much memory as the input.
+
+    Parameters
+    ----------
+    handler : Conv2dHandler
+    x : tensor, shape (N, c_in, H, W)
+        The layer input, already padded (:meth:`Conv2dHandler.padded`).
+    """
+
+    def __init__(self, handler: Conv2dHandler, x: torch.Tensor):
+        m = handler.module
+        self.handler, self.x = handler, x
+        self.kernel = (1, x.shape[1], *m.kernel_size)
+        self.conv = {"stride": m.stride, "dilation": m.dilation}
+        h_out, w_out = (
+            (size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(x.shape[2:], m.kernel_size, m.stride, m.dilation)
+        )
+        self.positions = (h_out, w_out)
+        self._shape = (x.shape[0] * h_out * w_out, x.shape[1] * m.kernel_size[0] * m.kernel_size[1])
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    @property
+    def like(self):
+        return self.x
+
+    def array(self):
+        return self.handler.patches(self.x)
+
+    def astype(self, dtype):
+        return self if dtype == self.dtype else ConvRows(self.handler, self.x.to(dtype))
+
+    def sum(self):
+        return self.rmatvec(self.x.new_ones(self._shape[0]))
+
+    def matvec(self, v):
+        out = F.conv2d(self.x, v.to(self.x.dtype).view(self.kernel), **self.conv)
+        return out.reshape(-1)
+
+    def rmatvec(self, w):
+        w = w.to(self.x.dtype).view(self.x.shape[0], 1, *self.positions)
+        return torch.nn.grad.conv2d_weight(self.x, self.kernel, w, **self.conv).reshape(-1)
+
+    def gram(self, *, scale=1.0):
+        # Chunks of examples whose patches take at most the memory of the whole input.
+        n = self.x.shape[0]
+        chunk = max(1, self.x.numel() // (self._shape[0] // n * self._shape[1]))
+        backend = get_backend(self.x)
+        out = None
+        for start in range(0, n, chunk):
+            part = backend.gram(self.handler.patches(self.x[start : start + chunk]), scale=scale)
+            out = part if out is None else out.add_(part)
+        return out
 
 
 _HANDLERS: dict[type[nn.Module], type[LayerHandler]] = {
