@@ -9,6 +9,7 @@ leaked its captured activations, about 100 MB per step on the benchmark autoenco
 from __future__ import annotations
 
 import gc
+from itertools import pairwise
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, KFACPreconditioner
 from curvlin.adapters.torch._capture import Record
+from curvlin.blocks import LayerBatch
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +81,35 @@ def test_steps_leave_no_captured_tensor_alive(kind):
     capture = opt._curv.capture
     assert sum(len(r) for r in capture.records.values()) == 0
     assert _live_records() <= before  # with the leak: one more per layer and captured pass
+
+
+@pytest.mark.parametrize("method", [KBFGS, KBFGSL])
+def test_kbfgs_frees_each_layers_inputs_after_its_direction(method, monkeypatch):
+    # The H_a update reads the inputs; it runs as each layer's direction is applied, and the
+    # directions come smallest first, so the widest layer is preconditioned with the fewest
+    # input rows alive (on the benchmark autoencoder, about 16 MiB less at the peak).
+    torch.manual_seed(0)
+    dims = (6, 9, 4, 3)
+    model = torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in pairwise(dims))).double()
+    x, t = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    opt = method(model, lr=0.1, damping=0.3, check_every=1000)
+    held = []
+    block_type = type(opt._curv.driver.blocks["0"])
+    precondition = block_type._precondition
+
+    def counting(self, state, grad):
+        gc.collect()
+        alive = [
+            o
+            for o in gc.get_objects()
+            if type(o) is LayerBatch and o.inputs is not None and o.outputs is not None
+        ]
+        held.append((self.d_out * self.d_a, len(alive)))
+        return precondition(self, state, grad)
+
+    monkeypatch.setattr(block_type, "_precondition", counting)
+    for _ in range(2):
+        held.clear()
+        _closure_step(opt, model, x, t)
+    assert [size for size, _ in held] == sorted(size for size, _ in held)
+    assert [alive for _, alive in held] == [3, 2, 1]

@@ -26,7 +26,7 @@ only past the finiteness verdict, after which the step commits whatever follows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 
 from ..backends import Array, get_backend
@@ -239,14 +239,20 @@ class Driver:
     ) -> Iterator[tuple[str, tuple[Array, Array | None]]]:
         """:meth:`precondition` one layer at a time, for an adapter that applies each
         direction as it comes (only one layer's direction is alive at a time); the coupled
-        layers come last, from their one solve."""
+        layers come last, from their one solve.
+
+        The per-layer directions come smallest first (by ``d_out·d_a``): an adapter that frees
+        each layer's batch once its direction is applied (:meth:`before_second_pass` with
+        ``names``) then makes the largest directions when the fewest batches are left.
+        ``states`` is read as each layer comes, so it may be the dictionary such calls update.
+        """
         coupled = []
-        for name, (grad_w, grad_b) in grads.items():
+        for name in sorted(grads, key=lambda n: self.blocks[n].d_out * self.blocks[n].d_a):
             block, state = self.blocks[name], states[name]
             if block.coupled:
                 coupled.append(name)
             elif block.ready(state):
-                yield name, block.precondition(state, grad_w, grad_b)
+                yield name, block.precondition(state, *grads[name])
         if coupled:
             yield from self._precondition_coupled(coupled, grads, batches, damping).items()
 
@@ -281,16 +287,19 @@ class Driver:
         *,
         damping: Mapping[str, float],
         install: bool = False,
+        names: Iterable[str] | None = None,
     ) -> tuple[dict[str, BlockState], dict[str, LayerBatch]]:
         """:meth:`Block.before_second_pass` of every layer with a second pass; returns the
         states and the batches to hand :meth:`second_pass`, without their inputs (they are
         consumed: an adapter frees them before the second forward pass). It runs whether or
         not the second pass then sees the layer again the same way (:meth:`second_pass` skips
         such a layer's pair update only). ``install`` as in :meth:`fold_refresh` (the new
-        states replace the current ones at once)."""
+        states replace the current ones at once). ``names``: only these layers (an adapter
+        that applies directions one layer at a time frees each layer's inputs after its
+        direction; the update reads the state the direction used, so the result is the same)."""
         states, rest = (self.states if install else dict(states)), dict(batches)
-        for name, batch in batches.items():
-            block = self.blocks[name]
+        for name in batches if names is None else names:
+            batch, block = batches[name], self.blocks[name]
             if "second_pass" in block.needs and batch.inputs is not None:
                 states[name] = block.before_second_pass(states[name], batch, damping=damping[name])
                 rest[name] = replace(batch, inputs=None)

@@ -803,18 +803,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if first is None:
             return loss  # skipped: nothing changed
         states, batches = first
+        first = None
         buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
         directions = driver.directions(
-            states, grads if buffers is None else buffers, batches=batches, damping=damping
+            states,
+            grads if buffers is None else buffers,
+            batches=batches if driver.coupled else None,
+            damping=damping,
         )
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
         model = None
+        # The input-side update before the second pass needs only the first pass and the
+        # state the direction used: it runs as each layer's direction is applied (and is
+        # installed, so the step stands with it), which frees that layer's input rows before
+        # the next direction is made. A check reads the inputs after the second pass.
+        early = bool(batches) and curv.second_pass_due and not driver.check_due()
         if self.kl_clip is None and not adapt:
             # Nothing couples the layers' steps: each is applied as soon as it is made, so
             # only one layer's direction is alive at a time.
             for name, pair in directions:
                 for p, direction, _, new_buffer in self._layer_updates(name, pair, grads, buffers):
                     self._apply(p, direction, group_of[id(p)], new_buffer)
+                if early and name in batches:
+                    pair = p = direction = new_buffer = None
+                    states, batches = driver.before_second_pass(
+                        states, batches, damping=damping, install=True, names=[name]
+                    )
         else:
             updates, model = self._updates(dict(directions), grads, buffers, model=adapt)
             for p, direction, new_buffer in updates:
@@ -828,10 +842,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss_plus = None
         if curv.second_pass_due and batches:
             first = states  # what the step commits if the second pass raises
-            if not driver.check_due():  # a check reads the inputs after the second pass
-                # The input-side update needs only the first pass: done now (and installed,
-                # so the step stands with it), the input rows (a convolution's patches) are
-                # freed before the second forward pass.
+            if early:  # the layers not updated above (none, or all after a KL clip)
                 states, batches = driver.before_second_pass(
                     states, batches, damping=damping, install=True
                 )
