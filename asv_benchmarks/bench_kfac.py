@@ -20,7 +20,7 @@ returns. The modes (the ``mode`` parameter):
 ``kfac-empirical-amortised`` ``KFAC(fisher="empirical", stats_every=10, refresh_every=100)``.
 ``kfac-mc-amortised``        the same with the sampled Fisher (the extra backward only on the
                              statistics steps).
-``kbfgs``                    ``KBFGS`` (dense ``H_g``, EMA ``A``), curvature every step: the
+``kbfgs``                    ``KBFGS`` (dense ``H_g``, minibatch ``A`` update), every step: the
                              closure runs forward and backward twice per step.
 ``kbfgsl``                   ``KBFGSL`` (L-BFGS ``H_g``, 100 pairs, matrix-free ``A`` update),
                              curvature every step.
