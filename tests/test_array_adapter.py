@@ -23,6 +23,7 @@ from curvlin.adapters.array import (
     Conv2d,
     Linear,
     Method,
+    from_dlpack,
     im2col,
     register_method,
 )
@@ -521,11 +522,24 @@ def test_dlpack_hand_over_without_copy(rng):
     """torch → NumPy through DLPack shares memory; the adapter takes the result as NumPy."""
     precond = ArrayPreconditioner({"fc": Linear(4, 3)}, "kfac")
     grads, inputs, _, output_grads = _step_arrays(rng)
-    x = torch.from_numpy(inputs["fc"].copy())
-    shared = np.from_dlpack(x)
-    assert np.shares_memory(shared, x.numpy())
-    out = precond.precondition(grads, inputs={"fc": shared}, output_grads=output_grads)
-    assert out is not None
+    tensors = {"fc": torch.from_numpy(inputs["fc"].copy())}
+    shared = from_dlpack(tensors, np)
+    assert np.shares_memory(shared["fc"], tensors["fc"].numpy())
+    grads_t = {"fc": tuple(torch.from_numpy(g.copy()) for g in grads["fc"])}
+    want = precond.precondition(grads, inputs=inputs, output_grads=output_grads)
+    other = ArrayPreconditioner({"fc": Linear(4, 3)}, "kfac")
+    got = other.precondition(from_dlpack(grads_t, np), inputs=shared, output_grads=output_grads)
+    for u, v in zip(want["fc"], got["fc"]):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_pending_second_pass_survives_a_bad_call(rng):
+    precond = _trained("kbfgs", rng, steps=1)
+    grads, inputs, outputs, output_grads = _step_arrays(rng)
+    precond.precondition(grads, inputs=inputs, outputs=outputs, output_grads=output_grads)
+    with pytest.raises(ValueError, match=r"'fc'.*inputs is missing"):
+        precond.precondition(grads, outputs=outputs, output_grads=output_grads)
+    assert precond.second_pass_due
 
 
 def test_cupy_adapter_imports_lazily():

@@ -41,6 +41,7 @@ __all__ = [
     "Conv2d",
     "Linear",
     "Method",
+    "from_dlpack",
     "im2col",
     "register_method",
 ]
@@ -252,6 +253,30 @@ def im2col(x, kernel_size, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), xp
 
 
 Layer = Linear | Conv2d
+
+
+def from_dlpack(tree, xp):
+    """Arrays of another library (torch tensors, any DLPack producer on the same device) as
+    arrays of namespace ``xp``, sharing their memory: no copy. Dicts, tuples and lists
+    (``grads``, ``inputs``) are converted entry by entry; None stays None.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from curvlin.adapters.array import from_dlpack
+    >>> t = torch.ones(2, 3, dtype=torch.float64)
+    >>> x = from_dlpack({"fc": (t, None)}, np)["fc"][0]
+    >>> type(x).__name__, np.shares_memory(x, t.numpy())
+    ('ndarray', True)
+    """
+    if tree is None:
+        return None
+    if isinstance(tree, Mapping):
+        return {k: from_dlpack(v, xp) for k, v in tree.items()}
+    if isinstance(tree, tuple | list):
+        return tuple(from_dlpack(v, xp) for v in tree)
+    return xp.from_dlpack(tree)
 
 
 def _layer_from_dict(d: Mapping) -> Layer:
@@ -655,9 +680,9 @@ class ArrayPreconditioner:
         _check_damping(self.owner, self.damping)
         driver, damping = self.driver, dict.fromkeys(self.layers, self.damping)
         grads = self._check_grads(grads)
-        self._pending = None
         stats_step = driver.stats_due()
         checked = self._batches(grads, inputs, outputs, output_grads) if stats_step else {}
+        self._pending = None  # a second pass not taken is dropped (as the torch adapter does)
         batches = {name: b.batch for name, b in checked.items()}
         stats = driver.statistics(batches) if batches else None
         second = "second_pass" in self.needs and bool(batches)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import array
 from .array import ArrayPreconditioner, Conv2d, Layer, Linear
 
 __all__ = ["Conv2d", "CuPyPreconditioner", "Linear", "from_dlpack"]
@@ -36,13 +37,7 @@ def from_dlpack(x):
     """``x`` (a torch CUDA tensor, or any DLPack producer on the GPU) as a ``cupy.ndarray``
     sharing its memory: no copy. Nested dicts and tuples (``grads``, ``inputs``) are
     converted entry by entry; None stays None."""
-    if x is None:
-        return None
-    if isinstance(x, Mapping):
-        return {k: from_dlpack(v) for k, v in x.items()}
-    if isinstance(x, tuple | list):
-        return tuple(from_dlpack(v) for v in x)
-    return _cupy().from_dlpack(x)
+    return array.from_dlpack(x, _cupy())
 
 
 class CuPyPreconditioner(ArrayPreconditioner):
