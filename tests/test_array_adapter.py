@@ -554,6 +554,23 @@ def test_cupy_adapter_imports_lazily():
     assert res.stdout.strip() == "ok", res.stderr
 
 
+def test_gpu_check_script_runs_on_numpy(tmp_path):
+    """scripts/gpu_check.py's timing code, on NumPy at small sizes (its GPU checks need one)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(script), "--cpu", "--smoke", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ratios = json.loads(out.read_text())["ratios"]["ratio_to_sgd"]
+    assert set(ratios) == {"kfac", "kbfgsl"}
+    assert all(r > 0 for r in ratios.values())
+
+
 def _cupy_or_skip():
     try:
         import cupy
