@@ -27,10 +27,16 @@ from curvlin.adapters.array import (
     im2col,
     register_method,
 )
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, Preconditioner
+from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, DiagonalFisher, Preconditioner
 from curvlin.blocks import KFACBlock
 
-TORCH_METHODS = {"kfac": KFAC, "kbfgs": KBFGS, "kbfgsl": KBFGSL}
+TORCH_METHODS = {
+    "kfac": KFAC,
+    "kbfgs": KBFGS,
+    "kbfgsl": KBFGSL,
+    "diagonal": DiagonalFisher,
+    "mbf": MBF,
+}
 
 
 # -- namespaces -----------------------------------------------------------------------------
@@ -93,7 +99,7 @@ def _data(model):
     return x, y
 
 
-def _passes(model, x, y):
+def _passes(model, x, y, reduction="mean"):
     """Forward and backward of the batch-mean MSE: per layer its input, output (the
     pre-activation) and the loss's gradient with respect to it, and the weight gradients."""
     seen = {}
@@ -107,7 +113,7 @@ def _passes(model, x, y):
 
             hooks.append(m.register_forward_hook(hook))
     model.zero_grad()
-    F.mse_loss(model(x), y).backward()
+    F.mse_loss(model(x), y, reduction=reduction).backward()
     for h in hooks:
         h.remove()
     inputs = {n: a for n, (a, _) in seen.items()}
@@ -141,7 +147,7 @@ def _torch_run(model, method, x, y, steps, lr, **options):
 
     def closure():
         opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x), y, reduction=options.get("loss_reduction", "mean"))
         loss.backward()
         return loss
 
@@ -166,8 +172,9 @@ def _array_run(model, method, x, y, steps, lr, lib, **options):
     model = copy.deepcopy(model)
     precond = ArrayPreconditioner(_specs(model), method, damping=0.1, like=_like(lib), **options)
     out = []
+    reduction = options.get("loss_reduction", "mean")
     for _ in range(steps):
-        grads, inputs, outputs, output_grads = _convert(_passes(model, x, y), lib)
+        grads, inputs, outputs, output_grads = _convert(_passes(model, x, y, reduction), lib)
         if "outputs" not in precond.needs:
             outputs = None
         if precond.stats_due:
@@ -185,7 +192,7 @@ def _array_run(model, method, x, y, steps, lr, lib, **options):
                 if db is not None:
                     m.bias -= lr * torch.from_numpy(np.asarray(_np(db)).copy())
         if precond.second_pass_due:
-            _, _, outputs, output_grads = _convert(_passes(model, x, y), lib)
+            _, _, outputs, output_grads = _convert(_passes(model, x, y, reduction), lib)
             assert precond.second_pass(outputs=outputs, output_grads=output_grads)
     return out, precond
 
@@ -197,11 +204,23 @@ def _array_run(model, method, x, y, steps, lr, lib, **options):
     [
         ("kfac", {}),
         ("kfac", {"stats_every": 2, "refresh_every": 2, "exact_damping": True}),
+        ("kfac", {"loss_reduction": "sum"}),
         ("kbfgs", {}),
         ("kbfgs", {"stats_every": 2, "check_every": 1}),
         ("kbfgsl", {"memory": 3}),
+        ("diagonal", {}),
+        ("mbf", {"max_block_size": 4}),
     ],
-    ids=["kfac", "kfac-schedule", "kbfgs", "kbfgs-schedule", "kbfgsl"],
+    ids=[
+        "kfac",
+        "kfac-schedule",
+        "kfac-sum",
+        "kbfgs",
+        "kbfgs-schedule",
+        "kbfgsl",
+        "diagonal",
+        "mbf",
+    ],
 )
 def test_matches_torch_engine(method, options, model, lib):
     model = model()
