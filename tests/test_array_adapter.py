@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import array_api_strict
 import numpy as np
@@ -28,7 +30,7 @@ from curvlin.adapters.array import (
     register_method,
 )
 from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, DiagonalFisher, Preconditioner
-from curvlin.blocks import KFACBlock
+from curvlin.blocks import DiagonalFisherBlock, KFACBlock
 
 TORCH_METHODS = {
     "kfac": KFAC,
@@ -517,6 +519,19 @@ def test_bad_construction():
         ArrayPreconditioner({"fc": Linear(2, 2)}, "kfac", damping=0.0)
     with pytest.raises(ValueError, match="Conv2d: padding"):
         Conv2d(1, 1, 3, padding=-1)
+
+
+def test_blocks_without_rows_are_refused():
+    @dataclass(frozen=True)
+    class GradOnly(DiagonalFisherBlock):
+        needs: ClassVar[frozenset[str]] = frozenset({"grad"})
+
+    register_method("grad-only", Method(lambda layer: GradOnly(layer.d_out, layer.d_in), 0.1))
+    try:
+        with pytest.raises(ValueError, match="layer 'fc': GradOnly does not take a layer's rows"):
+            ArrayPreconditioner({"fc": Linear(2, 2)}, "grad-only")
+    finally:
+        del METHODS["grad-only"]
 
 
 def test_register_method(rng):

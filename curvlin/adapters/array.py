@@ -14,11 +14,12 @@ runs on NumPy in CPU CI is the code that runs on CuPy (:mod:`curvlin.adapters.cu
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import array_api_compat
 import numpy as np
@@ -296,11 +297,17 @@ def _layer_to_dict(layer: Layer) -> dict:
 @dataclass(frozen=True)
 class Method:
     """A method the adapter can run: ``make(layer, **options) -> Block`` and its default
-    damping (the torch front's)."""
+    damping (the torch front's). The options are ``make``'s keyword-only parameters."""
 
     make: Callable[..., Block]
     default_damping: float
-    options: tuple[str, ...] = field(default=())
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The names of the options ``make`` takes."""
+        params = list(inspect.signature(self.make).parameters.values())[1:]  # after the layer
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return tuple(p.name for p in params if p.kind in kinds)
 
 
 def _kfac(layer, *, decay=0.95, exact_damping=False):
@@ -337,8 +344,29 @@ def _kbfgs(
     )
 
 
-def _kbfgsl(layer, *, memory=100, **options):
-    return _kbfgs(layer, memory=memory, **options)
+def _kbfgsl(
+    layer,
+    *,
+    memory=100,
+    a_update="minibatch",
+    variant=None,
+    mu1=0.2,
+    a_decay=0.9,
+    pair_decay=0.9,
+    skip_threshold=1e-4,
+    lbfgs_method="compact",
+):
+    return _kbfgs(
+        layer,
+        memory=memory,
+        a_update=a_update,
+        variant=variant,
+        mu1=mu1,
+        a_decay=a_decay,
+        pair_decay=pair_decay,
+        skip_threshold=skip_threshold,
+        lbfgs_method=lbfgs_method,
+    )
 
 
 def _diagonal(layer, *, decay=0.95):
@@ -360,26 +388,11 @@ def _mbf(layer, *, decay=0.95, max_block_size=64):
 #: SMW methods couple all layers through one kernel solve over per-example rows; neither has
 #: the per-layer input/output-gradient interface this adapter hands a block.
 METHODS: dict[str, Method] = {
-    "kfac": Method(_kfac, 1e-2, ("decay", "exact_damping")),
-    "kbfgs": Method(
-        _kbfgs, 0.3, ("a_update", "variant", "mu1", "a_decay", "pair_decay", "skip_threshold")
-    ),
-    "kbfgsl": Method(
-        _kbfgsl,
-        0.3,
-        (
-            "memory",
-            "a_update",
-            "variant",
-            "mu1",
-            "a_decay",
-            "pair_decay",
-            "skip_threshold",
-            "lbfgs_method",
-        ),
-    ),
-    "diagonal": Method(_diagonal, 1e-2, ("decay",)),
-    "mbf": Method(_mbf, 1e-3, ("decay", "max_block_size")),
+    "kfac": Method(_kfac, 1e-2),
+    "kbfgs": Method(_kbfgs, 0.3),
+    "kbfgsl": Method(_kbfgsl, 0.3),
+    "diagonal": Method(_diagonal, 1e-2),
+    "mbf": Method(_mbf, 1e-3),
 }
 
 
@@ -512,12 +525,12 @@ class ArrayPreconditioner:
         self.damping = spec.default_damping if damping is None else damping
         _check_damping(owner, self.damping)
         blocks = {name: spec.make(layer, **options) for name, layer in self.layers.items()}
-        states = {name: b.init(like, dtype=self.dtype) for name, b in blocks.items()}
         for name, block in blocks.items():
-            if block.coupled or block.needs & {"grad", "sampled_grad"}:
+            if block.coupled or "output_grads" not in block.needs:
                 raise ValueError(
                     f"{owner}: layer {name!r}: {type(block).__name__} does not take a layer's rows"
                 )
+        states = {name: b.init(like, dtype=self.dtype) for name, b in blocks.items()}
         schedule = Schedule(
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
@@ -625,19 +638,14 @@ class ArrayPreconditioner:
                         f"{where}{arg} is missing: {self.method!r} needs it in "
                         f"{call}() on this step"
                     )
-            if plus is None:
-                x = inputs.get(name)
-                if x is None:  # a block without inputs: output gradients set N
-                    x_shape = None
-                else:
-                    self._check_array(f"{where}inputs", x)
-                    why = layer.check_input(tuple(x.shape))
-                    if why:
-                        raise ValueError(f"{where}inputs {why}, got {tuple(x.shape)}")
-                    x_shape = tuple(x.shape)
-                out_shape = None if x_shape is None else layer.output_shape(x_shape)
-            else:
-                x, out_shape = None, plus[name]
+            x = inputs.get(name) if "inputs" in needs else None
+            out_shape = None if plus is None else plus[name]  # the second pass: the first's
+            if x is not None:
+                self._check_array(f"{where}inputs", x)
+                why = layer.check_input(tuple(x.shape))
+                if why:
+                    raise ValueError(f"{where}inputs {why}, got {tuple(x.shape)}")
+                out_shape = layer.output_shape(tuple(x.shape))
             for arg in ("outputs", "output_grads"):
                 if arg in needs:
                     a = given[arg][name]
@@ -656,7 +664,7 @@ class ArrayPreconditioner:
                 if arg in needs
             }
             batch = LayerBatch(
-                inputs=None if x is None or "inputs" not in needs else layer.input_rows(x, xp),
+                inputs=None if x is None else layer.input_rows(x, xp),
                 outputs=rows.get("outputs"),
                 output_grads=rows.get("output_grads"),
                 n_examples=n if mean else 1,
