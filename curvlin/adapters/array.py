@@ -742,12 +742,7 @@ class ArrayPreconditioner:
             )
             return False
         batches = {name: b.batch for name, b in checked.items()}
-        states = driver.second_pass(driver.states, batches, plus, damping=damping)
-        rebuilt = {}
-        if driver.schedule.check_due(driver.step - 1):  # the step this pass belongs to
-            states, rebuilt = driver.check(states, batches, damping=damping)
-            driver.warn_rebuilt(rebuilt)
-        driver.update(states, repaired=sum(len(v) for v in rebuilt.values()))
+        driver.second_pass_after_commit(batches, plus, damping=damping)
         return True
 
     # -- checkpoints ------------------------------------------------------------------------
