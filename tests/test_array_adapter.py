@@ -466,6 +466,38 @@ def test_bad_input_names_layer_and_argument(method, case, rng):
     assert not precond.second_pass_due
 
 
+def test_bad_conv_input_names_layer_and_argument(rng):
+    precond = ArrayPreconditioner({"conv": Conv2d(2, 3, 3)}, "kfac")
+    grads = {"conv": (np.zeros((3, 2, 3, 3)), np.zeros(3))}
+    x = rng.standard_normal((4, 2, 6, 6))
+    with pytest.raises(
+        ValueError, match=r"'conv': output_grads has shape \(4, 3, 6, 6\), expected"
+    ):
+        precond.precondition(
+            grads, inputs={"conv": x}, output_grads={"conv": np.zeros((4, 3, 6, 6))}
+        )
+    with pytest.raises(ValueError, match=r"'conv': inputs must have shape \(N, 2, H, W\)"):
+        precond.precondition(grads, inputs={"conv": x[:, :1]}, output_grads={"conv": x})
+    with pytest.raises(ValueError, match="'conv': inputs of spatial size"):
+        precond.precondition(grads, inputs={"conv": x[:, :, :2]}, output_grads={"conv": x})
+    with pytest.raises(ValueError, match=r"'conv': grads\[0\] \(dW\) has shape \(3, 18\)"):
+        precond.precondition({"conv": (np.zeros((3, 18)), np.zeros(3))})
+    with pytest.raises(TypeError, match="'conv': inputs is a array_api_strict"):
+        precond.precondition(grads, inputs={"conv": _strict(x)}, output_grads={"conv": x})
+    assert precond.step_count == 0
+
+
+def test_state_dict_waits_for_a_pending_second_pass(rng):
+    precond = _trained("kbfgs", rng, steps=1)
+    grads, inputs, outputs, output_grads = _step_arrays(rng)
+    precond.precondition(grads, inputs=inputs, outputs=outputs, output_grads=output_grads)
+    with pytest.raises(RuntimeError, match="second pass is pending"):
+        precond.state_dict()
+    _, _, outputs, output_grads = _step_arrays(rng)
+    precond.second_pass(outputs=outputs, output_grads=output_grads)
+    assert precond.state_dict()["driver"]["step"] == 2
+
+
 def test_other_device_is_refused():
     precond = ArrayPreconditioner(
         {"fc": Linear(2, 2)}, "kfac", like=torch.empty(0, dtype=torch.float64)
