@@ -1,8 +1,10 @@
 """GPU evidence for the array adapter and the torch engine, in one run (``scripts/gpu_check.sh``).
 
 1. ``sync``: torch KFAC and K-BFGS(L) steps on CUDA under
-   ``torch.cuda.set_sync_debug_mode("warn")``; every synchronising call is recorded with the
-   line of curvlin that made it, for a step that only preconditions and for a full one.
+   ``torch.cuda.set_sync_debug_mode("warn")``; every synchronising call outside the driver's
+   one finiteness check is recorded with the line that made it, for a step that only
+   preconditions and for a full one. ``cupy_sync``: the same for the array adapter's KFAC on
+   CuPy, under ``cupyx.allow_synchronize(False)``.
 2. ``dlpack``: torch CUDA tensors handed to the CuPy adapter by ``from_dlpack`` share memory
    (same device pointer), and one step on them runs.
 3. ``ratios``: the array adapter's step (manual forward and backward of the
@@ -65,14 +67,14 @@ def _passes(xp, params, x, linear_after=()):
     return grads, inputs, outputs, output_grads
 
 
-def _trainer(xp, method, sizes, batch, lr=1e-3):
+def _trainer(xp, method, sizes, batch, lr=1e-3, **options):
     from curvlin.adapters.array import ArrayPreconditioner
 
     layers, params = _mlp(xp, sizes)
     x = xp.asarray(np.random.default_rng(1).random((batch, sizes[0]), dtype=np.float32))
     code = f"fc{sizes.index(min(sizes)) - 1}"
     like = xp.empty(0, dtype=xp.float32)
-    pre = None if method == "sgd" else ArrayPreconditioner(layers, method, like=like)
+    pre = None if method == "sgd" else ArrayPreconditioner(layers, method, like=like, **options)
 
     def step():
         grads, inputs, outputs, output_grads = _passes(xp, params, x, (code,))
@@ -117,20 +119,59 @@ def ratios(xp, sync, *, smoke: bool) -> dict:
     }
 
 
+class _FinitenessAllowed:
+    """Within the block, :meth:`Driver.all_finite` (the step's one intended host
+    synchronisation) runs with ``allow`` entered and is counted; everything else is watched."""
+
+    def __init__(self, allow):
+        self.allow, self.calls = allow, 0
+
+    def __enter__(self):
+        from curvlin.blocks import Driver
+
+        self._orig = Driver.all_finite
+        orig, outer = self._orig, self
+
+        def all_finite(arrays):
+            outer.calls += 1
+            with outer.allow():
+                return orig(arrays)
+
+        Driver.all_finite = staticmethod(all_finite)
+        return self
+
+    def __exit__(self, *exc):
+        from curvlin.blocks import Driver
+
+        Driver.all_finite = staticmethod(self._orig)
+
+
 def sync_check() -> dict:
+    """Host synchronisations of torch steps on CUDA outside the finiteness check, as the
+    ``file:line`` torch's ``set_sync_debug_mode("warn")`` names (an empty list: none)."""
+    import contextlib
+
     import torch
     from torch import nn
     from torch.nn import functional as F
 
     from curvlin.adapters.torch import KBFGSL, KFAC
 
+    @contextlib.contextmanager
+    def unwatched():
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
     out = {}
     torch.manual_seed(0)
+    amortised = {"stats_every": 10, "refresh_every": 100}
     for name, make in (
-        ("kfac stats_every=10 refresh_every=100", lambda m: KFAC(m, lr=1e-3, stats_every=10,
-                                                                 refresh_every=100)),
+        ("kfac stats_every=10 refresh_every=100", lambda m: KFAC(m, lr=1e-3, **amortised)),
         ("kbfgsl", lambda m: KBFGSL(m, lr=1e-3)),
-    ):  # fmt: skip
+    ):
         model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 784)).cuda()
         opt = make(model)
         x = torch.rand(256, 784, device="cuda")
@@ -142,20 +183,48 @@ def sync_check() -> dict:
             return loss
 
         for label in ("step 0 (statistics and refresh)", "step 1"):
-            closure()  # the forward/backward is not the optimizer's: outside the check
+            if "kbfgs" not in name:
+                closure()  # the forward/backward is not the optimizer's: outside the watch
             torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
+            with (
+                warnings.catch_warnings(record=True) as caught,
+                _FinitenessAllowed(unwatched) as finite,
+            ):
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     opt.step(closure) if "kbfgs" in name else opt.step()
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            where = []
-            for w in caught:
-                if "synchroniz" in str(w.message):
-                    where.append(f"{w.filename}:{w.lineno}")
-            out[f"{name}: {label}"] = where
+            where = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+            out[f"torch {name}: {label}"] = {"finiteness checks": finite.calls, "other": where}
+    return out
+
+
+def cupy_sync_check() -> dict:
+    """The array adapter's KFAC steps on CuPy under ``cupyx.allow_synchronize(False)`` (CuPy's
+    own detector: deprecated, with false negatives) outside the finiteness check."""
+    import cupyx
+
+    allow = getattr(cupyx, "allow_synchronize", None)
+    if allow is None:
+        return {"skipped": "this CuPy has no cupyx.allow_synchronize"}
+    import cupy
+
+    out = {}
+    step = _trainer(cupy, "kfac", SIZES, BATCH, stats_every=10, refresh_every=100)
+    for label in ("step 0 (statistics and refresh)", "step 1"):
+        cupy.cuda.get_current_stream().synchronize()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # its deprecation
+                with allow(False), _FinitenessAllowed(lambda: allow(True)) as finite:
+                    step()
+            out[label] = {"finiteness checks": finite.calls, "other": "none detected"}
+        except Exception as e:  # DeviceSynchronized: where it happened
+            tb = traceback.extract_tb(e.__traceback__)
+            mine = [f"{f.filename}:{f.lineno}" for f in tb if "curvlin" in f.filename]
+            out[label] = {"other": f"{type(e).__name__} at {mine[-1:] or tb[-1:]}"}
     return out
 
 
@@ -195,7 +264,8 @@ def main() -> None:
         result["gpu"] = (
             props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         )
-        for key, check in (("sync", sync_check), ("dlpack", dlpack_check)):
+        checks = (("sync", sync_check), ("cupy_sync", cupy_sync_check), ("dlpack", dlpack_check))
+        for key, check in checks:
             try:
                 result[key] = check()
             except Exception:  # record and go on: the other checks still give evidence
