@@ -637,6 +637,49 @@ def test_gpu_check_script_runs_on_numpy(tmp_path):
     assert all(r > 0 for r in ratios.values())
 
 
+def _conv_step_arrays(rng, n=3):
+    x = rng.standard_normal((n, 2, 5, 5))
+    s = rng.standard_normal((n, 3, 3, 3))
+    g = rng.standard_normal((n, 3, 3, 3)) / n
+    grads = {"conv": (rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3))}
+    return grads, {"conv": x}, {"conv": s}, {"conv": g}
+
+
+@pytest.mark.parametrize("method", ["kfac", "kbfgs", "kbfgsl", "mbf"])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_every_backend_matches_numpy(method, layer, xp, to_xp, to_np, rng, tmp_path):
+    """The adapter on the ``xp`` fixture's backends (CuPy and torch CUDA where a GPU answers)
+    against NumPy: directions, and a checkpoint saved there and loaded into NumPy."""
+
+    def on(tree):
+        if isinstance(tree, dict):
+            return {k: on(v) for k, v in tree.items()}
+        if isinstance(tree, tuple):
+            return tuple(on(v) for v in tree)
+        return to_xp(tree, "float64")
+
+    spec = {"linear": {"fc": Linear(4, 3)}, "conv": {"conv": Conv2d(2, 3, 3, stride=1)}}[layer]
+    draw = _step_arrays if layer == "linear" else _conv_step_arrays
+    ref = ArrayPreconditioner(spec, method)
+    mine = ArrayPreconditioner(spec, method, like=to_xp(np.empty(0), "float64"))
+    for _ in range(3):
+        grads, inputs, outputs, output_grads = draw(rng)
+        kw = dict(inputs=inputs, outputs=outputs, output_grads=output_grads)
+        a = ref.precondition(grads, **kw)
+        b = mine.precondition(on(grads), **{k: on(v) for k, v in kw.items()})
+        for name in a:
+            for u, v in zip(a[name], b[name]):
+                np.testing.assert_allclose(to_np(v), u, rtol=1e-9, atol=1e-12)
+        if ref.second_pass_due:
+            _, _, outputs, output_grads = draw(rng)
+            ref.second_pass(outputs=outputs, output_grads=output_grads)
+            assert mine.second_pass(outputs=on(outputs), output_grads=on(output_grads))
+    mine.save(tmp_path / "s.npz")
+    back = ArrayPreconditioner(spec, method)
+    back.load(tmp_path / "s.npz")
+    _assert_same(_snapshot(back), _snapshot(mine))
+
+
 def _cupy_or_skip():
     try:
         import cupy
@@ -679,3 +722,28 @@ def test_cupy_matches_numpy(method, rng):
         for lay in sd["driver"]["layers"].values()
         for v in lay["arrays"].values()
     )
+
+
+def test_torch_cuda_tensors_reach_cupy_without_a_copy(rng):
+    cupy = _cupy_or_skip()
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here (GPU path untested)")
+    from curvlin.adapters.cupy import CuPyPreconditioner, from_dlpack
+
+    grads, inputs, _, output_grads = _step_arrays(rng)
+    on_gpu = {k: torch.from_numpy(v).cuda() for k, v in inputs.items()}
+    handed = from_dlpack(on_gpu)
+    assert int(handed["fc"].data.ptr) == on_gpu["fc"].data_ptr()
+    precond = CuPyPreconditioner({"fc": Linear(4, 3)}, "kfac", dtype="float64")
+    cuda = {k: tuple(torch.from_numpy(g).cuda() for g in v) for k, v in grads.items()}
+    d = precond.precondition(
+        from_dlpack(cuda),
+        inputs=handed,
+        output_grads=from_dlpack({k: torch.from_numpy(v).cuda() for k, v in output_grads.items()}),
+    )
+    ref = ArrayPreconditioner({"fc": Linear(4, 3)}, "kfac")
+    want = ref.precondition(grads, inputs=inputs, output_grads=output_grads)
+    np.testing.assert_allclose(
+        torch.from_dlpack(d["fc"][0]).cpu().numpy(), want["fc"][0], rtol=1e-9, atol=1e-12
+    )
+    assert isinstance(d["fc"][0], cupy.ndarray)

@@ -701,8 +701,12 @@ class ArrayPreconditioner:
         if not driver.all_finite(probes):
             driver.skip()
             return None
-        del probes
-        states = driver.fold_refresh(stats, damping=damping)
+        del probes  # diagonals are views: they would keep every statistic alive
+        if not (second or driver.check_due() or driver.coupled):
+            checked = batches = {}  # the rows are consumed: freed before the refresh
+        # Past the verdict the step commits whatever follows (as in the torch adapter): each
+        # layer's new state replaces the old one as it is made, so two never coexist.
+        states = driver.fold_refresh(stats, damping=damping, consume=True, install=True)
         directions = driver.precondition(states, grads, batches=batches, damping=damping)
         rebuilt = {}
         if batches and driver.check_due() and not second:
