@@ -463,7 +463,9 @@ class ArrayPreconditioner:
     ``output_grads[name]`` the loss's gradient with respect to its output (pre-activation),
     ``outputs[name]`` that output (K-BFGS only). Every array is checked (library, device,
     dtype, shape, presence) before anything changes, with an error naming the layer and the
-    argument. The only host synchronisation of a step is the driver's one finiteness check.
+    argument. The checks read shapes, dtypes and devices only: what a step reads on the host
+    is the core's (the driver's one finiteness check, and on refresh steps the SPD routines'
+    look at their factorisations).
 
     Examples
     --------

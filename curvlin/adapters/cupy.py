@@ -4,10 +4,12 @@
 state on the current CuPy device: the same code, which CPU CI runs on NumPy. CuPy is imported
 when a preconditioner is made, never at import. Every kernel is queued on the current stream
 (``cupy.cuda.get_current_stream()``, so ``with stream:`` blocks are respected) and allocates
-from CuPy's current memory pool; the one host synchronisation of a step is the driver's
-finiteness check (a single scalar). Tensors of torch (or any DLPack producer) on the same GPU
-are handed over without a copy by :func:`from_dlpack`; directions go back by
-``torch.from_dlpack``.
+from CuPy's current memory pool; the adapter reads nothing on the host, so a step
+synchronises only where the core does (the driver's finiteness check, a single scalar, and on
+refresh steps one look per SPD inverse at its factorisation). Tensors of torch (or any
+DLPack producer) on the same GPU are handed over without a copy by :func:`from_dlpack` (the
+DLPack protocol orders the producer's stream before CuPy's current one); directions go back
+by ``torch.from_dlpack``.
 
 Status: **untested on a GPU**. No run on a GPU has been observed yet; ``scripts/gpu_check.sh``
 is the check to run where one is available (see ``docs/array_adapter.md``).
