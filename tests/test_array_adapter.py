@@ -553,6 +553,35 @@ def test_bad_construction():
         Conv2d(1, 1, 3, padding=-1)
 
 
+@pytest.mark.parametrize("method", ["kfac", "kbfgsl"])
+def test_half_precision_model_keeps_float32_curvature(method, rng):
+    half = ArrayPreconditioner({"fc": Linear(4, 3)}, method, like=np.empty(0, np.float16))
+    single = ArrayPreconditioner({"fc": Linear(4, 3)}, method, like=np.empty(0, np.float32))
+    assert half.factor_dtype == np.float32
+    for _ in range(2):
+        arrays = _step_arrays(rng)
+        kw = [
+            {
+                k: tuple(a.astype(dt) for a in v) if isinstance(v, tuple) else v.astype(dt)
+                for k, v in t.items()
+            }
+            for dt in (np.float16, np.float32)
+            for t in arrays
+        ]
+        a = half.precondition(kw[0], inputs=kw[1], outputs=kw[2], output_grads=kw[3])
+        b = single.precondition(kw[4], inputs=kw[5], outputs=kw[6], output_grads=kw[7])
+        assert a["fc"][0].dtype == np.float16
+        np.testing.assert_allclose(a["fc"][0], b["fc"][0], rtol=2e-2, atol=2e-2)
+        if half.second_pass_due:
+            _, _, s_, g_ = _step_arrays(rng)
+            for p, dt in ((half, np.float16), (single, np.float32)):
+                p.second_pass(
+                    outputs={"fc": s_["fc"].astype(dt)}, output_grads={"fc": g_["fc"].astype(dt)}
+                )
+    floats = [a for a in half.driver.states["fc"].arrays().values() if a.dtype != bool]
+    assert all(a.dtype == np.float32 for a in floats)
+
+
 def test_blocks_without_rows_are_refused():
     @dataclass(frozen=True)
     class GradOnly(DiagonalFisherBlock):

@@ -435,8 +435,11 @@ class ArrayPreconditioner:
     damping : float, optional
         The damping (an attribute you may change between steps); by default the method's.
     like : array, optional
-        An array whose library, device and floating dtype every step's arrays and the
-        curvature use (e.g. ``cupy.empty(0, dtype=cupy.float32)``); NumPy float64 by default.
+        An array whose library, device and floating dtype every step's arrays use (e.g.
+        ``cupy.empty(0, dtype=cupy.float32)``); NumPy float64 by default.
+    factor_dtype : dtype, optional
+        The curvature's dtype (the directions come back in ``like``'s): by default ``like``'s,
+        float32 for a float16 or bfloat16 model, as in the torch adapter.
     loss_reduction : {"mean", "sum"}
         ``"mean"``: ``output_grads`` are gradients of the batch-mean loss (``δ/N``); the blocks
         are told ``N`` and rescale them. ``"sum"``: gradients of the summed loss.
@@ -487,6 +490,7 @@ class ArrayPreconditioner:
         damping: float | None = None,
         *,
         like=None,
+        factor_dtype=None,
         loss_reduction: str = "mean",
         stats_every: int = 1,
         refresh_every: int = 1,
@@ -521,6 +525,14 @@ class ArrayPreconditioner:
         if not self.xp.isdtype(like.dtype, "real floating"):
             raise TypeError(f"{owner}: like must have a real floating dtype, got {like.dtype}")
         self.device, self.dtype = array_api_compat.device(like), like.dtype
+        half = [getattr(self.xp, n) for n in ("float16", "bfloat16") if hasattr(self.xp, n)]
+        if factor_dtype is None:
+            factor_dtype = self.xp.float32 if any(self.dtype == h for h in half) else self.dtype
+        elif not self.xp.isdtype(factor_dtype, "real floating"):
+            raise TypeError(
+                f"{owner}: factor_dtype must be a real floating dtype, got {factor_dtype!r}"
+            )
+        self.factor_dtype = factor_dtype
         self.method, self.options = method, dict(options)
         self.layers = dict(layers)
         self.loss_reduction = loss_reduction
@@ -532,7 +544,7 @@ class ArrayPreconditioner:
                 raise ValueError(
                     f"{owner}: layer {name!r}: {type(block).__name__} does not take a layer's rows"
                 )
-        states = {name: b.init(like, dtype=self.dtype) for name, b in blocks.items()}
+        states = {name: b.init(like, dtype=factor_dtype) for name, b in blocks.items()}
         schedule = Schedule(
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
