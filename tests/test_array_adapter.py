@@ -343,7 +343,7 @@ def test_nonfinite_second_pass_is_left_out(rng):
 @pytest.mark.parametrize("method", ["kfac", "kbfgs", "kbfgsl", "diagonal", "mbf"])
 def test_checkpoint_round_trip_bit_for_bit(method, rng, tmp_path):
     precond = _trained(method, rng, damping=0.2)
-    path = tmp_path / "state.npz"
+    path = tmp_path / "state"  # saved at this path exactly, without a suffix added
     precond.save(path)
     with np.load(path, allow_pickle=False) as f:  # no pickled object anywhere
         assert all(f[k].dtype != object for k in f.files)

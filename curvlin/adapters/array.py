@@ -840,7 +840,8 @@ class ArrayPreconditioner:
             },
             "arrays": index,
         }
-        np.savez(path, meta=np.asarray(json.dumps(meta)), **arrays)
+        with open(path, "wb") as f:  # at ``path`` exactly (savez would add ``.npz`` to a name)
+            np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
 
     def load(self, path: str | os.PathLike) -> None:
         """Read a :meth:`save` file (``numpy.load(allow_pickle=False)``) and restore it."""
