@@ -365,6 +365,18 @@ def test_checkpoint_round_trip_bit_for_bit(method, rng, tmp_path):
     _assert_same(_snapshot(precond), _snapshot(other))
 
 
+def test_foreign_files_are_refused(rng, tmp_path):
+    precond = _trained("kfac", rng)
+    before = _snapshot(precond)
+    np.savez(tmp_path / "other.npz", weights=np.ones(3))
+    with pytest.raises(ValueError, match="not an ArrayPreconditioner checkpoint"):
+        precond.load(tmp_path / "other.npz")
+    ArrayPreconditioner({"fc": Linear(4, 3)}, "kbfgs").save(tmp_path / "kbfgs.npz")
+    with pytest.raises(ValueError, match="method is 'kbfgs'"):
+        precond.load(tmp_path / "kbfgs.npz")
+    _assert_same(before, _snapshot(precond))
+
+
 def test_checkpoint_restores_onto_torch_tensors(rng):
     precond = _trained("kfac", rng)
     other = ArrayPreconditioner(
