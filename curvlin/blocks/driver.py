@@ -325,6 +325,24 @@ class Driver:
             states[name] = block.second_pass(states[name], batch, plus, damping=damping[name])
         return states
 
+    def second_pass_after_commit(
+        self,
+        batches: Mapping[str, LayerBatch],
+        batches_plus: Mapping[str, LayerBatch],
+        *,
+        damping: Mapping[str, float],
+    ) -> None:
+        """The second pass of the step just committed, for an adapter whose parameter update
+        happens outside its step (a preconditioner in front of another optimizer, a model in
+        plain array code): :meth:`second_pass` on the current states, :meth:`check` when that
+        step was due one (with a warning per rebuilt layer), then :meth:`update`."""
+        states = self.second_pass(self.states, batches, batches_plus, damping=damping)
+        rebuilt = {}
+        if self.schedule.check_due(self.step - 1):  # the step this pass belongs to
+            states, rebuilt = self.check(states, batches, damping=damping)
+            self.warn_rebuilt(rebuilt)
+        self.update(states, repaired=sum(len(v) for v in rebuilt.values()))
+
     def check(
         self,
         states: Mapping[str, BlockState],

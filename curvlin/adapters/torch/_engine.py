@@ -1248,12 +1248,7 @@ class Preconditioner:
             plus = curv.collect(plus=True)
         finally:
             curv.arm()
-        states = driver.second_pass(driver.states, batches, plus, damping=damping)
-        rebuilt = {}
-        if driver.schedule.check_due(driver.step - 1):  # the step this pass belongs to
-            states, rebuilt = driver.check(states, batches, damping=damping)
-            driver.warn_rebuilt(rebuilt)
-        driver.update(states, repaired=sum(len(v) for v in rebuilt.values()))
+        driver.second_pass_after_commit(batches, plus, damping=damping)
 
     def state_dict(self) -> dict:
         """The ``"curvlin"`` entry (curvature by layer, counters, generator) and the damping."""
