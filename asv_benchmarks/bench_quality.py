@@ -11,10 +11,8 @@ best of lr ∈ {0.1, 0.01, 0.001} (``*-adaptive``), or as the first-order baseli
 Goals (never asserted): KFAC <= 0.40 (ASDL's KFAC: 0.43), K-BFGS and K-BFGS(L) <= 0.65 (half
 of Adam's 1.31); the adaptive runs within 1.5× of their ``-best``; TNT and Shampoo <= 0.5
 (docs/tnt_shampoo.md); MBF <= 0.6 (``mbf-default``: the front's defaults; ``mbf-best``: the
-best point of docs/mbf.md's grid).
-of Adam's 1.31), SMW-NG <= 0.6 (docs/smw.md; SMW-GN, <= 0.5, is measured there: at the
-subsample its goal needs, 200 steps take minutes); the adaptive runs within 1.5× of their
-``-best``.
+best point of docs/mbf.md's grid); SMW-NG <= 0.6 (docs/smw.md; SMW-GN, <= 0.5, is measured
+there: at the subsample its goal needs, 200 steps take minutes).
 """
 
 from __future__ import annotations
