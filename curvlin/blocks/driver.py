@@ -42,18 +42,59 @@ CHECKPOINT_FORMAT = 1
 
 class Distributor:
     """The distribution hook point: what a driver asks of the other ranks. In one process,
-    nothing (this class); a distributed adapter overrides both methods.
+    nothing (this class); a distributed adapter (e.g.
+    :class:`curvlin.adapters.torch.distributed.TorchDistributor`) overrides the hooks.
     """
 
+    #: Whether every rank preconditions every layer (else each layer's owner does, and
+    #: :meth:`share_directions` hands the directions to the others).
+    precondition_all: bool = True
+
+    def assign(self, blocks: Mapping[str, Block], /) -> None:
+        """Learn the layers (e.g. to give each an owning rank by :meth:`Block.cost`)."""
+
+    def refreshes(self, name: str, /) -> bool:
+        """Whether this rank refreshes layer ``name`` (its owner does)."""
+        return True
+
+    def agree(self, finite: Array, /) -> Array:
+        """The finiteness verdict of all ranks (finite only where every rank's is)."""
+        return finite
+
+    def shared_gradient(self, batch: LayerBatch, /) -> LayerBatch:
+        """A parameter unit's batch with its gradient averaged over the ranks (its statistics
+        are not linear in the gradient); any other batch as it is."""
+        return batch
+
     def reduce_statistics(
-        self, stats: dict[str, dict[str, Array]], /
+        self,
+        stats: dict[str, dict[str, Array]],
+        examples: Mapping[str, int | None] | None = None,
+        /,
     ) -> dict[str, dict[str, Array]]:
-        """Average each layer's statistics over the ranks (they are means over examples)."""
+        """Average each layer's statistics over the ranks (they are means over examples),
+        weighted by ``examples`` (this rank's count per layer; None: already global)."""
         return stats
 
+    def reduce_gradients(self, grads: list, /, examples: int | None = None) -> None:
+        """Average the step's gradients over the ranks, in place, weighted by ``examples``
+        (this rank's count, None if unknown), unless something else (DDP) does."""
+
     def share_states(self, states: dict[str, BlockState], /) -> dict[str, BlockState]:
-        """Make every rank hold the refreshed states (e.g. broadcast from each layer's owner)."""
+        """Make every rank hold the refreshed states (e.g. broadcast from each layer's
+        owner). ``states`` may be the driver's own dict (``install``): update it in place and
+        return it."""
         return states
+
+    def share_directions(self, directions: dict, grads: Mapping, /) -> dict:
+        """Every layer's direction, from the ranks that made them (only called when not
+        :attr:`precondition_all`)."""
+        return directions
+
+    def global_batch(self, block: Block, batch: LayerBatch, /) -> LayerBatch:
+        """``batch`` as one process would see the whole batch of all ranks (for what reads
+        rows after the statistics: second passes, checks, coupled solves)."""
+        return batch
 
 
 class Driver:
@@ -107,6 +148,7 @@ class Driver:
         self.schedule = schedule
         self.owner = owner
         self.distributor = distributor or Distributor()
+        self.distributor.assign(self.blocks)
         #: Steps taken (skipped ones not counted).
         self.step = 0
         #: Steps skipped because their gradients or statistics held NaN or inf.
@@ -153,6 +195,16 @@ class Driver:
         sums = xp.stack([xp.astype(xp.sum(a), xp.float32) for a in arrays])
         return bool(xp.all(xp.isfinite(sums)))
 
+    def verdict(self, arrays) -> bool:
+        """:meth:`all_finite`, agreed by every rank (:meth:`Distributor.agree`): all ranks skip
+        a step or none does. Still one host synchronisation."""
+        arrays = [a for a in arrays if a is not None]
+        if not arrays:
+            return True
+        xp = get_backend(arrays[0]).xp
+        sums = xp.stack([xp.astype(xp.sum(a), xp.float32) for a in arrays])
+        return bool(self.distributor.agree(xp.all(xp.isfinite(sums))))
+
     def skip(self, why: str = "its gradients or curvature statistics hold NaN or inf") -> None:
         """Count a skipped step and warn; nothing else changes."""
         self.skipped += 1
@@ -163,12 +215,15 @@ class Driver:
         )
 
     def statistics(self, batches: Mapping[str, LayerBatch], /) -> dict[str, dict[str, Array]]:
-        """Each captured layer's :meth:`Block.statistics`, averaged across ranks."""
-        stats = {
-            name: self.blocks[name].statistics(self.states[name], batch)
-            for name, batch in batches.items()
-        }
-        return self.distributor.reduce_statistics(stats)
+        """Each captured layer's :meth:`Block.statistics`, averaged across ranks (weighted by
+        their examples; a parameter unit's gradient is averaged first)."""
+        stats, examples = {}, {}
+        for name, batch in batches.items():
+            shared = self.distributor.shared_gradient(batch)
+            examples[name] = batch.n_examples if shared is batch else None
+            stats[name] = self.blocks[name].statistics(self.states[name], shared)
+            del batch, shared
+        return self.distributor.reduce_statistics(stats, examples)
 
     @staticmethod
     def probes(stats: Mapping[str, Mapping[str, Array]] | None, /) -> list[Array]:
@@ -208,7 +263,8 @@ class Driver:
             del layer_stats
         if self.refresh_due():
             for name, block in self.blocks.items():
-                states[name] = block.refresh(states[name], damping=damping[name])
+                if self.distributor.refreshes(name):  # this rank owns the layer
+                    states[name] = block.refresh(states[name], damping=damping[name])
             states = self.distributor.share_states(states)
         return states
 
@@ -241,12 +297,20 @@ class Driver:
         direction as it comes (only one layer's direction is alive at a time); the coupled
         layers come last, from their one solve."""
         coupled = []
+        dist = self.distributor
+        mine = {}
         for name, (grad_w, grad_b) in grads.items():
             block, state = self.blocks[name], states[name]
             if block.coupled:
                 coupled.append(name)
+            elif not dist.precondition_all:
+                if dist.refreshes(name) and block.ready(state):
+                    mine[name] = block.precondition(state, grad_w, grad_b)
             elif block.ready(state):
                 yield name, block.precondition(state, grad_w, grad_b)
+        if not dist.precondition_all:
+            rest = {n: g for n, g in grads.items() if not self.blocks[n].coupled}
+            yield from dist.share_directions(mine, rest).items()
         if coupled:
             yield from self._precondition_coupled(coupled, grads, batches, damping).items()
 
@@ -266,8 +330,9 @@ class Driver:
         for name in names:
             block = self.blocks[name]
             mat = block.joined(*grads[name])
-            if name in batches:
-                parts.append((name, (block, batches[name], mat)))
+            if name in batches:  # the kernel couples the examples of every rank
+                batch = self.distributor.global_batch(block, batches[name])
+                parts.append((name, (block, batch, mat)))
             else:
                 lone.append((name, mat / lam))
         steps = kernel_solve([p for _, p in parts], damping=lam) if parts else []
@@ -292,7 +357,8 @@ class Driver:
         for name, batch in batches.items():
             block = self.blocks[name]
             if "second_pass" in block.needs and batch.inputs is not None:
-                states[name] = block.before_second_pass(states[name], batch, damping=damping[name])
+                whole = self.distributor.global_batch(block, batch)
+                states[name] = block.before_second_pass(states[name], whole, damping=damping[name])
                 rest[name] = replace(batch, inputs=None)
         return states, rest
 
@@ -313,7 +379,12 @@ class Driver:
                 continue
             if plus.outputs is not None and tuple(plus.outputs.shape) != tuple(batch.outputs.shape):
                 continue  # the layer was not reached the same way in the second pass
-            states[name] = block.second_pass(states[name], batch, plus, damping=damping[name])
+            states[name] = block.second_pass(
+                states[name],
+                self.distributor.global_batch(block, batch),
+                self.distributor.global_batch(block, plus),
+                damping=damping[name],
+            )
         return states
 
     def check(
@@ -327,7 +398,9 @@ class Driver:
         states = dict(states)
         rebuilt = {}
         for name, batch in batches.items():
-            states[name], what = self.blocks[name].check(states[name], batch, damping=damping[name])
+            block = self.blocks[name]
+            whole = self.distributor.global_batch(block, batch)
+            states[name], what = block.check(states[name], whole, damping=damping[name])
             if what:
                 rebuilt[name] = what
         return states, rebuilt

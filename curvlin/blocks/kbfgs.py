@@ -226,6 +226,7 @@ class KBFGSBlock(Block):
     )
     #: Outputs and their gradients are only averaged over rows (the pair, ``ḡ``).
     row_means: ClassVar[bool] = True
+    symmetric_statistics: ClassVar[bool] = True
 
     d_out: int
     d_in: int

@@ -120,6 +120,7 @@ class Curvature:
         seed: int = 0,
         units: str = "layers",
         subsample: int | None = None,
+        distributor=None,
     ):
         if units not in UNITS:
             raise ValueError(f"{owner}: units must be one of {UNITS}, got {units!r}")
@@ -180,7 +181,14 @@ class Curvature:
             weight = handler.weight.detach()
             dtype = factor_dtype or default_factor_dtype(weight.dtype)
             blocks[name], states[name] = block, block.init(weight, dtype=dtype)
-        self.driver = Driver(blocks, states, schedule=schedule, owner=owner)
+        # Only under an initialised process group is anything distributed loaded.
+        if distributor is None and _distributed():
+            from .distributed import default_distributor
+
+            distributor = default_distributor(model)
+        self.driver = Driver(
+            blocks, states, schedule=schedule, owner=owner, distributor=distributor
+        )
         if fisher == "ggn" and not all(b.output_directions for b in blocks.values()):
             raise ValueError(
                 f"{owner}: fisher='ggn' needs blocks that take output directions "
@@ -535,6 +543,10 @@ class Curvature:
                 )
 
     def first_pass(self, grads, probes, *, damping):
+        extra = list(probes)  # the fallback's gradients: averaged across ranks with the rest
+        examples = self.capture.examples or (
+            self.sampled_examples if self.sampled_grads else None
+        )  # this step's examples, where captured (read before the capture is cleared)
         """A step up to the parameter update: statistics, the finiteness verdict on them, the
         gradients and ``probes``, then fold and refresh. Returns the new states (not
         committed) and the batches a second pass or a check will read, or None when the step
@@ -549,7 +561,11 @@ class Curvature:
         probes += driver.probes(stats)
         if ("second_pass" in self.needs or driver.coupled) and batches:
             probes += _batch_probes(self, batches)
-        if not driver.all_finite(probes):
+        driver.distributor.reduce_gradients(
+            [t for pair in grads.values() for t in pair if t is not None] + list(extra),
+            examples,
+        )
+        if not driver.verdict(probes):
             driver.skip()
             return None
         del probes  # diagonals are views: they would keep every statistic alive
@@ -1029,6 +1045,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
                 if value.is_floating_point() and not bool(value.isfinite().all()):
                     raise ValueError(f"{what} buffer {name!r} holds NaN or inf")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _copy(state):
