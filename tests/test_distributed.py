@@ -28,6 +28,10 @@ from _torch_models import mlp, one_thread
 from torch import nn
 
 import curvlin.adapters.torch._engine as engine
+from curvlin.adapters.torch.distributed import TorchDistributor, assign_lpt
+from curvlin.blocks import Distributor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -316,3 +320,77 @@ def test_a_failing_rank_makes_the_others_fail_not_hang(tmp_path):
     assert codes[1] != 0
     assert "fails on purpose" in logs[1]
     assert codes[0] != 0, logs[0]  # rank 0 raised (a closed connection or the timeout)
+
+
+# -- the driver's hooks, in one process ------------------------------------------------------
+
+
+class _Halves(Distributor):
+    """A stand-in for two ranks, seen from rank 0: it owns every other layer, and
+    ``share_states`` records what it is handed."""
+
+    def __init__(self):
+        self.handed = []
+
+    def refreshes(self, name):
+        return name == "0"
+
+    def share_states(self, states):
+        self.handed.append(states)
+        return states
+
+
+def test_driver_refreshes_owned_layers_only_and_shares_its_own_states_dict():
+    model = mlp(seed=1)
+    opt = METHODS[0].make(model, refresh_every=1, stats_every=1)
+    driver = opt._curv.driver
+    hooks = _Halves()
+    driver.distributor = hooks
+    x, t = batches((3,), 1, n=8)[0]
+    METHODS[0].step(opt, model, x, t)
+    # the engine installs: the distributor is handed the driver's own dict, to update in place
+    assert hooks.handed
+    assert hooks.handed[0] is driver.states
+    blocks = driver.blocks
+    # the owned layer was refreshed (and released at the commit), the other never was
+    assert set(driver.states) == {"0", "2"}
+    assert not blocks["2"].ready(driver.states["2"])
+
+
+def test_assign_lpt_balances_by_cost_and_is_deterministic():
+    costs = {"a": 1.0, "b": 7.0, "c": 3.0, "d": 3.0, "e": 2.0}
+    owners = assign_lpt(costs, 2)
+    loads = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(2)]
+    assert sorted(loads) == [8.0, 8.0]
+    assert owners == assign_lpt(costs, 2)
+    assert set(assign_lpt(costs, 3).values()) == {0, 1, 2}
+    with pytest.raises(ValueError, match="ranks"):
+        assign_lpt(costs, 0)
+
+
+def test_nothing_distributed_without_a_process_group():
+    assert not torch.distributed.is_initialized()
+    opt = METHODS[0].make(mlp())
+    assert type(opt._curv.driver.distributor) is Distributor
+    with pytest.raises(RuntimeError, match="no process group"):
+        TorchDistributor()
+    code = (
+        "import sys, torch; from curvlin.adapters.torch import KFAC; "
+        "KFAC(torch.nn.Linear(2, 2)); "
+        "sys.exit('curvlin.adapters.torch.distributed' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           os.path.join(ROOT, "examples", "distributed_train.py"), "--steps", "3",
+           "--width", "16", "--batch", "32"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "world 2" in done.stdout
+    assert "statistics" in done.stdout

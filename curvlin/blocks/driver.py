@@ -63,7 +63,8 @@ class Distributor:
 
     def shared_gradient(self, batch: LayerBatch, /) -> LayerBatch:
         """A parameter unit's batch with its gradient averaged over the ranks (its statistics
-        are not linear in the gradient); any other batch as it is."""
+        are not linear in the gradient, and are not reduced again); any other batch as it
+        is."""
         return batch
 
     def reduce_statistics(
@@ -220,7 +221,8 @@ class Driver:
         stats, examples = {}, {}
         for name, batch in batches.items():
             shared = self.distributor.shared_gradient(batch)
-            examples[name] = batch.n_examples if shared is batch else None
+            # a parameter unit's statistics come from a gradient that is already global
+            examples[name] = batch.n_examples if batch.grad is None else None
             stats[name] = self.blocks[name].statistics(self.states[name], shared)
             del batch, shared
         return self.distributor.reduce_statistics(stats, examples)

@@ -73,8 +73,8 @@ def default_distributor(model) -> Distributor | None:
     Gradients are averaged by the distributor unless ``model`` is a
     ``DistributedDataParallel`` (which averages them already).
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None  # one process: nothing to share
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return TorchDistributor(reduce_gradients=not ddp)
 
@@ -152,6 +152,7 @@ class TorchDistributor(Distributor):
         self.reduce_gradients_ = reduce_gradients
         self.owners: dict[str, int] = {}
         self.symmetric: dict[str, bool] = {}
+        self.blocks: dict[str, Block] = {}
         #: Entries handed to collectives by this rank, by kind.
         self.sent = {"statistics": 0, "states": 0, "gradients": 0, "rows": 0, "directions": 0}
 
@@ -160,6 +161,7 @@ class TorchDistributor(Distributor):
         """Owners by :func:`assign_lpt` over :meth:`Block.cost`."""
         self.owners = assign_lpt({n: b.cost() for n, b in blocks.items()}, self.world)
         self.symmetric = {n: b.symmetric_statistics for n, b in blocks.items()}
+        self.blocks = dict(blocks)
 
     def refreshes(self, name: str, /) -> bool:
         return self.owners.get(name, 0) == self.rank
@@ -176,8 +178,12 @@ class TorchDistributor(Distributor):
         return flag[0] > 0
 
     def shared_gradient(self, batch: LayerBatch, /) -> LayerBatch:
-        """A parameter unit's batch with its gradient averaged over the ranks' examples."""
-        if batch.grad is None:
+        """A parameter unit's batch with its gradient averaged over the ranks' examples.
+
+        Under DDP an ordinary gradient (``n_examples`` 1: the ``.grad`` DDP averaged) is
+        global already; a gradient at sampled labels (TNT) never is.
+        """
+        if batch.grad is None or (not self.reduce_gradients_ and batch.n_examples == 1):
             return batch
         grad = batch.grad
         w = grad.new_tensor([float(batch.n_examples)])
@@ -257,11 +263,11 @@ class TorchDistributor(Distributor):
         meta = {
             n: (
                 type(s),
-                {k: (tuple(a.shape), a.dtype) for k, a in s.arrays().items()},
+                {k: (tuple(a.shape), a.dtype) for k, a in self._refreshed(n, s).items()},
                 s.counters(),
             )
             for n, s in states.items()
-            if self.owners.get(n, 0) == self.rank
+            if self.owners.get(n, 0) == self.rank and self._refreshing(n)
         }
         metas = [None] * self.world
         dist.all_gather_object(metas, meta, group=self.group)
@@ -300,8 +306,25 @@ class TorchDistributor(Distributor):
                 cls, shapes, counters = owned[n]
                 for k, (shape, dtype) in shapes.items():  # an empty array travels as nothing
                     arrays.setdefault(k, torch.empty(shape, dtype=dtype, device=device))
-                states[n] = cls.from_arrays(arrays, dict(counters))
+                # what the refresh did not touch is the same on every rank already
+                states[n] = cls.from_arrays({**states[n].arrays(), **arrays}, dict(counters))
         return states
+
+    def _refreshing(self, name) -> bool:
+        """Whether the layer's block has a refresh at all (K-BFGS has none: nothing to share)."""
+        block = self.blocks.get(name)
+        return block is None or type(block).refresh is not Block.refresh
+
+    def _refreshed(self, name, state):
+        """The arrays a refresh made (those :meth:`Block.release` drops); all of them for a
+        block that releases nothing."""
+        arrays = state.arrays()
+        block = self.blocks.get(name)
+        if block is None:
+            return arrays
+        kept = block.release(state).arrays()
+        made = {k: a for k, a in arrays.items() if k not in kept}
+        return made or arrays
 
     def share_directions(self, directions, grads, /):
         """``grad_workers="owners"``: every layer's direction, broadcast from its owner
