@@ -69,6 +69,10 @@ def items_for(method, world):
     return data(world) if weighs_examples(method) else data(world)[:STEPS_EVEN]
 
 
+#: Methods also run with adaptive damping (one without, one with a second pass).
+ADAPTIVE = [m for m in METHODS if m.name in ("kfac", "kbfgs")]
+
+
 def shard(x, rank, world):
     return torch.tensor_split(x, world)[rank]
 
@@ -93,7 +97,7 @@ def make(method, model, **overrides):
     return method.make(model, **overrides)
 
 
-def reference(method, world):
+def reference(method, world, **options):
     """Parameters after the steps of one process on the concatenated batches."""
     model = mlp(seed=1)
     opt = None
@@ -101,7 +105,7 @@ def reference(method, world):
         xb, over = reference_batch(method, x, world)
         tb, _ = reference_batch(method, t, world)
         if opt is None:
-            opt = make(method, model, **over)
+            opt = make(method, model, **over, **options)
         elif over:
             # the subsample grows and shrinks with the batch: one process sees the ranks' union
             opt._curv.subsample = over["subsample"]
@@ -153,6 +157,11 @@ def case_exact(rank, world):
         run_steps(method, model, opt, rank, world, items_for(method, world))
         out[method.name] = [p.detach().clone() for p in model.parameters()]
         out[method.name + "/sent"] = dict(opt._curv.driver.distributor.sent)
+    for method in ADAPTIVE:  # the losses of the damping's ratio are averaged too
+        model = mlp(seed=1)
+        opt = make(method, model, adaptive_damping=True, adapt_every=1)
+        run_steps(method, model, opt, rank, world, items_for(method, world))
+        out[method.name + "/adaptive"] = [p.detach().clone() for p in model.parameters()]
     if world == 2:
         for method in METHODS:
             model = nn.parallel.DistributedDataParallel(mlp(seed=1))
@@ -280,6 +289,9 @@ def test_distributed_step_equals_one_process_on_the_whole_batch(world, tmp_path,
                 # every rank holds the same parameters, bit for bit
                 first = results[0][method.name]
                 assert all(torch.equal(p, q) for p, q in zip(got[method.name], first)), method.name
+            if method in ADAPTIVE:
+                want = reference(method, world, adaptive_damping=True, adapt_every=1)
+                assert _close(results[0][method.name + "/adaptive"], want), method.name
             sent = results[0][method.name + "/sent"]
             assert sent["gradients"] > 0, method.name  # no DDP: the distributor averaged them
             if not method.per_parameter:  # statistics, or SMW's gathered rows, travelled

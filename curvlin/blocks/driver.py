@@ -77,6 +77,10 @@ class Distributor:
         weighted by ``examples`` (this rank's count per layer; None: already global)."""
         return stats
 
+    def average(self, arrays: list, /, examples: int | None = None) -> None:
+        """Average ``arrays`` over the ranks in place, weighted by ``examples`` (this rank's
+        count; None: equally), whatever else averages the gradients (a loss, say)."""
+
     def reduce_gradients(self, grads: list, /, examples: int | None = None) -> None:
         """Average the step's gradients over the ranks, in place, weighted by ``examples``
         (this rank's count, None if unknown), unless something else (DDP) does."""

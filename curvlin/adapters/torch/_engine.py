@@ -175,6 +175,7 @@ class Curvature:
         #: number of examples behind them (1 for a summed loss).
         self.sampled_grads: dict[str, torch.Tensor] = {}
         self.sampled_examples = 1
+        self.examples: int | None = None
         blocks, states = {}, {}
         for name, handler in self.layers.items():
             block = make_block(name, handler)
@@ -544,9 +545,10 @@ class Curvature:
 
     def first_pass(self, grads, probes, *, damping):
         extra = list(probes)  # the fallback's gradients: averaged across ranks with the rest
-        examples = self.capture.examples or (
+        #: This step's examples, where captured (read before the capture is cleared).
+        self.examples = examples = self.capture.examples or (
             self.sampled_examples if self.sampled_grads else None
-        )  # this step's examples, where captured (read before the capture is cleared)
+        )
         """A step up to the parameter update: statistics, the finiteness verdict on them, the
         gradients and ``probes``, then fold and refresh. Returns the new states (not
         committed) and the batches a second pass or a check will read, or None when the step
@@ -878,7 +880,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         lr = self.param_groups[0]["lr"]
         predicted = predicted_change(nu * g_dot_d, nu * nu * d_dot_m, lr=lr)
         values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (
-            loss, loss_plus, predicted)]).cpu()  # fmt: skip
+            loss, loss_plus, predicted)])  # fmt: skip
+        # the losses are this rank's batch's: every rank must adapt alike
+        self._curv.driver.distributor.average([values], self._curv.examples)
+        values = values.cpu()
         before, after, predicted = (float(v) for v in values)
         self.last_ratio = reduction_ratio(after - before, predicted)
         factor = 0.95**self.adapt_every  # Martens & Grosse's (19/20)^T

@@ -233,18 +233,23 @@ class TorchDistributor(Distributor):
         return stats
 
     def reduce_gradients(self, grads: list, /, examples: int | None = None) -> None:
-        """Average gradients in place, weighted by each rank's ``examples`` (equally where
-        a rank does not know them); nothing when DDP does it. One all-reduce per dtype:
-        the weight travels with the gradients."""
-        grads = [g for g in grads if g is not None]
-        if not self.reduce_gradients_ or not grads:
+        """Average gradients in place (:meth:`average`); nothing when DDP does it."""
+        if self.reduce_gradients_:
+            self.average(grads, examples, kind="gradients")
+
+    def average(self, arrays: list, /, examples: int | None = None, *, kind="gradients"):
+        """Average ``arrays`` in place, weighted by each rank's ``examples`` (equally where
+        a rank does not know them): one all-reduce per dtype, the weight travelling with the
+        arrays."""
+        grads = [g for g in arrays if g is not None]
+        if not grads:
             return
         n = 1.0 if examples is None else float(examples)
         for dtype in _ordered(g.dtype for g in grads):
             group = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in group] + [group[0].new_ones(1)]) * n
             flat = self._to_comm(flat)
-            self.sent["gradients"] += flat.numel()
+            self.sent[kind] += flat.numel()
             dist.all_reduce(flat, group=self.group)
             flat = (flat[:-1] / flat[-1]).to(dtype)
             offset = 0
