@@ -84,6 +84,27 @@ def distribute(optimizer, **options) -> TorchDistributor:
     :class:`TorchDistributor` built with ``options`` (``grad_workers``, ``comm_dtype``,
     ``reduce_gradients``, ``group``) in place of the default one; returns it. Call it before
     the first step, on every rank alike.
+
+    Examples
+    --------
+    One process in a gloo group (torchrun starts several the same way):
+
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch import nn
+    >>> from curvlin.adapters.torch import KFAC
+    >>> from curvlin.adapters.torch.distributed import distribute
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> opt = KFAC(model, lr=0.1, damping=0.1)
+    >>> distributor = distribute(opt, comm_dtype=torch.float32)
+    >>> x, y = torch.randn(16, 4), torch.randn(16, 2)
+    >>> opt.zero_grad()
+    >>> torch.nn.functional.mse_loss(model(x), y).backward()
+    >>> opt.step()
+    >>> distributor.owners, distributor.sent["statistics"]  # 4 triangles (99), 4 counts
+    ({'0': 0, '2': 0}, 103)
+    >>> dist.destroy_process_group()
     """
     driver = optimizer._curv.driver
     distributor = TorchDistributor(**options)
@@ -164,10 +185,12 @@ class TorchDistributor(Distributor):
         self.blocks = dict(blocks)
 
     def refreshes(self, name: str, /) -> bool:
+        """Whether this rank owns layer ``name`` (and so refreshes it)."""
         return self.owners.get(name, 0) == self.rank
 
     @property
     def precondition_all(self) -> bool:
+        """Whether every rank preconditions every layer (``grad_workers="all"``)."""
         return self.grad_workers == "all"
 
     # -- reductions ----------------------------------------------------------------------
@@ -207,28 +230,22 @@ class TorchDistributor(Distributor):
         count = [float(examples.get(n, 1)) for n in names]
         if not names:
             return stats
-        like = next((a for n in names for a in stats[n].values()), None)
-        if like is None:
-            return stats
-        total = torch.tensor(count, dtype=torch.float64, device=like.device)
-        dist.all_reduce(total, group=self.group)
-        weights = torch.tensor(count, dtype=torch.float64, device=like.device) / total
-        items = [
-            (n, k, a, weights[i].to(a.dtype))
-            for i, n in enumerate(names)
-            for k, a in stats[n].items()
-        ]
-        for dtype in _ordered(a.dtype for _, _, a, _ in items):
+        counts = dict(zip(names, count))
+        items = [(n, k, a) for n in names for k, a in stats[n].items()]
+        for dtype in _ordered(a.dtype for _, _, a in items):
             group = [it for it in items if it[2].dtype == dtype]
-            parts = [_pack(a, self.symmetric.get(n, False)) * w for n, _, a, w in group]
-            flat = self._to_comm(torch.cat(parts))
+            # n_r·s_r and n_r in one buffer: the sum over ranks, divided, is the weighted mean
+            parts = [_pack(a, self.symmetric.get(n, False)) * counts[n] for n, _, a in group]
+            weights = group[0][2].new_tensor([counts[n] for n, _, _ in group])
+            flat = self._to_comm(torch.cat([*parts, weights]))
             self.sent["statistics"] += flat.numel()
             dist.all_reduce(flat, group=self.group)
             flat = flat.to(dtype)
+            totals = flat[-len(group) :]
             offset = 0
-            for (name, key, a, _), part in zip(group, parts):
-                part = flat[offset : offset + part.numel()]
-                stats[name][key] = _unpack(part, a, self.symmetric.get(name, False))
+            for i, ((name, key, a), part) in enumerate(zip(group, parts)):
+                mean = flat[offset : offset + part.numel()] / totals[i]
+                stats[name][key] = _unpack(mean, a, self.symmetric.get(name, False))
                 offset += part.numel()
         return stats
 
