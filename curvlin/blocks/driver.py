@@ -96,10 +96,12 @@ class Distributor:
         :attr:`precondition_all`)."""
         return directions
 
-    def global_batch(self, block: Block, batch: LayerBatch, /) -> LayerBatch:
-        """``batch`` as one process would see the whole batch of all ranks (for what reads
-        rows after the statistics: second passes, checks, coupled solves)."""
-        return batch
+    def global_batches(
+        self, blocks: Mapping[str, Block], batches: Mapping[str, LayerBatch], /
+    ) -> Mapping[str, LayerBatch]:
+        """``batches`` as one process would see the whole batch of all ranks (for what
+        reads rows after the statistics: second passes, checks, coupled solves)."""
+        return batches
 
 
 class Driver:
@@ -333,12 +335,15 @@ class Driver:
             )
         lam = values.pop()
         parts, lone = [], []
+        # the kernel couples the examples of every rank
+        batches = self.distributor.global_batches(
+            self.blocks, {n: batches[n] for n in names if n in batches}
+        )
         for name in names:
             block = self.blocks[name]
             mat = block.joined(*grads[name])
-            if name in batches:  # the kernel couples the examples of every rank
-                batch = self.distributor.global_batch(block, batches[name])
-                parts.append((name, (block, batch, mat)))
+            if name in batches:
+                parts.append((name, (block, batches[name], mat)))
             else:
                 lone.append((name, mat / lam))
         steps = kernel_solve([p for _, p in parts], damping=lam) if parts else []
@@ -360,12 +365,15 @@ class Driver:
         such a layer's pair update only). ``install`` as in :meth:`fold_refresh` (the new
         states replace the current ones at once)."""
         states, rest = (self.states if install else dict(states)), dict(batches)
-        for name, batch in batches.items():
+        due = {
+            name: batch
+            for name, batch in batches.items()
+            if "second_pass" in self.blocks[name].needs and batch.inputs is not None
+        }
+        for name, whole in self.distributor.global_batches(self.blocks, due).items():
             block = self.blocks[name]
-            if "second_pass" in block.needs and batch.inputs is not None:
-                whole = self.distributor.global_batch(block, batch)
-                states[name] = block.before_second_pass(states[name], whole, damping=damping[name])
-                rest[name] = replace(batch, inputs=None)
+            states[name] = block.before_second_pass(states[name], whole, damping=damping[name])
+            rest[name] = replace(batches[name], inputs=None)
         return states, rest
 
     def second_pass(
@@ -378,18 +386,20 @@ class Driver:
     ) -> dict[str, BlockState]:
         """Second-pass updates of the layers seen in both passes on the same rows."""
         states = dict(states)
+        pairs = {}
         for name, batch in batches.items():
             plus = batches_plus.get(name)
-            block = self.blocks[name]
-            if "second_pass" not in block.needs or plus is None:
+            if "second_pass" not in self.blocks[name].needs or plus is None:
                 continue
             if plus.outputs is not None and tuple(plus.outputs.shape) != tuple(batch.outputs.shape):
                 continue  # the layer was not reached the same way in the second pass
+            pairs[name] = (batch, plus)
+        whole = self.distributor.global_batches(self.blocks, {n: b for n, (b, _) in pairs.items()})
+        plus = self.distributor.global_batches(self.blocks, {n: p for n, (_, p) in pairs.items()})
+        for name in pairs:
+            block = self.blocks[name]
             states[name] = block.second_pass(
-                states[name],
-                self.distributor.global_batch(block, batch),
-                self.distributor.global_batch(block, plus),
-                damping=damping[name],
+                states[name], whole[name], plus[name], damping=damping[name]
             )
         return states
 
@@ -403,9 +413,8 @@ class Driver:
         """:meth:`Block.check` of every captured layer; returns the states and what was rebuilt."""
         states = dict(states)
         rebuilt = {}
-        for name, batch in batches.items():
+        for name, whole in self.distributor.global_batches(self.blocks, batches).items():
             block = self.blocks[name]
-            whole = self.distributor.global_batch(block, batch)
             states[name], what = block.check(states[name], whole, damping=damping[name])
             if what:
                 rebuilt[name] = what

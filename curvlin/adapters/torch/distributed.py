@@ -388,62 +388,111 @@ class TorchDistributor(Distributor):
         return out
 
     # -- rows ------------------------------------------------------------------------------
-    def global_batch(self, block: Block, batch: LayerBatch, /) -> LayerBatch:
-        """``batch`` as one process would see the concatenated batch: rows gathered across
-        ranks (rank-major), each rank's ``grad_scale`` folded into its output gradients;
-        row means (``Block.row_means``) averaged, weighted by each rank's examples."""
-        n = batch.examples or batch.n_examples
-        counts = torch.tensor([n, batch.n_examples], dtype=torch.int64)
-        every = [torch.zeros_like(counts) for _ in range(self.world)]
-        dist.all_gather(every, counts, group=self.group)
-        every = torch.stack(every).tolist()  # the example counts: one small host read
-        examples = [e for e, _ in every]
-        grads = batch.output_grads
-        if grads is not None and batch.grad_scale != 1.0:
-            grads = grads * batch.grad_scale
-        out = {"inputs": batch.inputs, "outputs": batch.outputs, "output_grads": grads}
-        for key, a in out.items():
-            if a is None:
-                continue
-            # (k, R, d_out): k output directions per example (exact Gauss-Newton)
-            axis = 1 if key == "output_grads" and block.output_directions and a.ndim == 3 else 0
-            if block.row_means and key != "inputs":
-                out[key] = self._weighted_row_mean(a, n, sum(examples))
-            else:
-                out[key] = self._gather_rows(a, axis, n, examples)
-        return replace(
-            batch,
-            **out,
-            grad_scale=1.0,
-            n_examples=sum(c for _, c in every),
-            examples=sum(examples),
+    def global_batches(self, blocks, batches, /):
+        """``batches`` as one process would see the concatenated batch of all ranks: rows
+        gathered (rank-major), each rank's ``grad_scale`` folded into its output gradients;
+        row means (``Block.row_means``) averaged, weighted by each rank's examples.
+
+        Every layer at once: one all-gather of the example counts (read on the host), one
+        all-reduce of the row means, one all-gather of the rows per dtype.
+        """
+        names = list(batches)
+        if not names:
+            return {}
+        local = torch.tensor(
+            [[b.examples or b.n_examples, b.n_examples] for b in batches.values()],
+            dtype=torch.int64,
         )
+        every = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(every, local, group=self.group)
+        every = torch.stack(every).tolist()  # (rank, layer, 2): one small host read
+        means, rows = [], []  # (name, key, array) to average / to gather
+        fields = {}
+        for i, name in enumerate(names):
+            block, batch = blocks[name], batches[name]
+            grads = batch.output_grads
+            if grads is not None and batch.grad_scale != 1.0:
+                grads = grads * batch.grad_scale  # per example, so ranks' rows can be joined
+            fields[name] = {"inputs": batch.inputs, "outputs": batch.outputs,
+                            "output_grads": grads}  # fmt: skip
+            total = sum(r[i][0] for r in every)
+            for key, a in fields[name].items():
+                if a is None:
+                    continue
+                if block.row_means and key != "inputs":
+                    share = (batch.examples or batch.n_examples) / total
+                    means.append((name, key, torch.mean(a, dim=tuple(range(a.ndim - 1))) * share))
+                else:
+                    rows.append((i, name, key, a, block.output_directions))
+        for (name, key, _), mean in zip(means, self._sum(x for *_, x in means)):
+            fields[name][key] = mean.reshape(1, -1)
+        for (_, name, key, _, _), joined in zip(rows, self._gather(rows, every)):
+            fields[name][key] = joined
+        return {
+            name: replace(
+                batches[name],
+                **fields[name],
+                grad_scale=1.0,
+                n_examples=sum(r[i][1] for r in every),
+                examples=sum(r[i][0] for r in every),
+            )
+            for i, name in enumerate(names)
+        }
 
-    def _weighted_row_mean(self, a, n, total):
-        lead = tuple(range(a.ndim - 1))
-        mean = torch.mean(a, dim=lead).reshape(1, -1) * (n / total)
-        buf = self._to_comm(mean)
-        self.sent["rows"] += buf.numel()
-        dist.all_reduce(buf, group=self.group)
-        return buf.to(a.dtype)
+    def _sum(self, arrays) -> list:
+        """The sums over ranks of ``arrays``, in one all-reduce per dtype."""
+        arrays = list(arrays)
+        out = [None] * len(arrays)
+        for dtype in _ordered(a.dtype for a in arrays):
+            idx = [j for j, a in enumerate(arrays) if a.dtype == dtype]
+            flat = self._to_comm(torch.cat([arrays[j].reshape(-1) for j in idx]))
+            self.sent["rows"] += flat.numel()
+            dist.all_reduce(flat, group=self.group)
+            flat, offset = flat.to(dtype), 0
+            for j in idx:
+                out[j] = flat[offset : offset + arrays[j].numel()].view_as(arrays[j])
+                offset += arrays[j].numel()
+        return out
 
-    def _gather_rows(self, a, axis, n, examples):
-        """All ranks' rows of ``a`` along ``axis`` (``T`` rows per example, the same ``T`` on
-        every rank), padded to the largest rank's and cut back."""
-        per = a.shape[axis] // max(n, 1)
-        most = max(examples) * per
-        pad = most - a.shape[axis]
-        buf = a
-        if pad:
+    def _gather(self, rows, every) -> list:
+        """Every rank's rows of each array, joined along the example axis: padded to the
+        largest rank's, gathered in one all-gather per dtype, cut back and concatenated."""
+        out = [None] * len(rows)
+        plans = []
+        for i, _, key, a, directions in rows:
+            # (k, R, d_out): k output directions per example (exact Gauss-Newton)
+            axis = 1 if key == "output_grads" and directions and a.ndim == 3 else 0
+            counts = [r[i][0] for r in every]
+            per = a.shape[axis] // max(counts[self.rank], 1)  # rows per example
             shape = list(a.shape)
-            shape[axis] = pad
-            buf = torch.cat([a, a.new_zeros(shape)], dim=axis)
-        buf = self._to_comm(buf.contiguous())
-        self.sent["rows"] += buf.numel()
-        parts = [torch.empty_like(buf) for _ in range(self.world)]
-        dist.all_gather(parts, buf, group=self.group)
-        parts = [p.narrow(axis, 0, e * per) for p, e in zip(parts, examples)]
-        return torch.cat(parts, dim=axis).to(a.dtype)
+            shape[axis] = max(counts) * per
+            plans.append((axis, per, counts, shape))
+        for dtype in _ordered(a.dtype for _, _, _, a, _ in rows):
+            idx = [j for j, r in enumerate(rows) if r[3].dtype == dtype]
+            parts = []
+            for j in idx:
+                a, (axis, _, _, shape) = rows[j][3], plans[j]
+                pad = shape[axis] - a.shape[axis]
+                if pad:
+                    fill = list(shape)
+                    fill[axis] = pad
+                    a = torch.cat([a, a.new_zeros(fill)], dim=axis)
+                parts.append(a.reshape(-1))
+            flat = self._to_comm(torch.cat(parts))
+            self.sent["rows"] += flat.numel()
+            gathered = [torch.empty_like(flat) for _ in range(self.world)]
+            dist.all_gather(gathered, flat, group=self.group)
+            offset = 0
+            for j in idx:
+                axis, per, counts, shape = plans[j]
+                size = _numel(shape)
+                pieces = [
+                    g[offset : offset + size].view(shape).narrow(axis, 0, c * per)
+                    for g, c in zip(gathered, counts)
+                ]
+                out[j] = torch.cat(pieces, dim=axis).to(dtype)
+                offset += size
+        return out
 
     # -- helpers ---------------------------------------------------------------------------
     def _wire(self, dtype):
