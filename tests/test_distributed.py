@@ -69,8 +69,16 @@ def items_for(method, world):
     return data(world) if weighs_examples(method) else data(world)[:STEPS_EVEN]
 
 
-#: Methods also run with adaptive damping (one without, one with a second pass).
-ADAPTIVE = [m for m in METHODS if m.name in ("kfac", "kbfgs")]
+_BY_NAME = {m.name: m for m in METHODS}
+_ADAPT = {"adaptive_damping": True, "adapt_every": 1}
+#: Options the exactness case also runs: adaptive damping, whose losses are averaged too (a
+#: method without and one with a second pass), and K-BFGS with the EMA ``A``, whose second pass
+#: reads the inputs only through their mean (averaged rather than gathered).
+VARIANTS = [
+    (_BY_NAME["kfac"], "/adaptive", _ADAPT),
+    (_BY_NAME["kbfgs"], "/adaptive", _ADAPT),
+    (_BY_NAME["kbfgs"], "/ema", {"a_update": "ema"}),
+]
 
 
 def shard(x, rank, world):
@@ -157,11 +165,11 @@ def case_exact(rank, world):
         run_steps(method, model, opt, rank, world, items_for(method, world))
         out[method.name] = [p.detach().clone() for p in model.parameters()]
         out[method.name + "/sent"] = dict(opt._curv.driver.distributor.sent)
-    for method in ADAPTIVE:  # the losses of the damping's ratio are averaged too
+    for method, suffix, options in VARIANTS:
         model = mlp(seed=1)
-        opt = make(method, model, adaptive_damping=True, adapt_every=1)
+        opt = make(method, model, **options)
         run_steps(method, model, opt, rank, world, items_for(method, world))
-        out[method.name + "/adaptive"] = [p.detach().clone() for p in model.parameters()]
+        out[method.name + suffix] = [p.detach().clone() for p in model.parameters()]
     if world == 2:
         for method in METHODS:
             model = nn.parallel.DistributedDataParallel(mlp(seed=1))
@@ -289,9 +297,10 @@ def test_distributed_step_equals_one_process_on_the_whole_batch(world, tmp_path,
                 # every rank holds the same parameters, bit for bit
                 first = results[0][method.name]
                 assert all(torch.equal(p, q) for p, q in zip(got[method.name], first)), method.name
-            if method in ADAPTIVE:
-                want = reference(method, world, adaptive_damping=True, adapt_every=1)
-                assert _close(results[0][method.name + "/adaptive"], want), method.name
+            for variant, suffix, options in VARIANTS:
+                if variant is method:
+                    want = reference(method, world, **options)
+                    assert _close(results[0][method.name + suffix], want), method.name + suffix
             sent = results[0][method.name + "/sent"]
             assert sent["gradients"] > 0, method.name  # no DDP: the distributor averaged them
             if not method.per_parameter:  # statistics, or SMW's gathered rows, travelled

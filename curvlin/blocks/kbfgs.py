@@ -332,6 +332,12 @@ class KBFGSBlock(Block):
         batch = LayerBatch(inputs=x, n_examples=n_examples)
         return self.fold(state, self.statistics(state, batch), damping=damping)
 
+    @property
+    def input_means(self) -> bool:  # type: ignore[override]
+        """With the EMA ``A``, the second pass and the check read the inputs only through
+        their mean ``u`` (the minibatch variant applies the batch's ``A`` from the rows)."""
+        return self.a_update == "ema"
+
     def statistics(self, state: KBFGSState, batch: LayerBatch, /) -> dict[str, Array]:
         """``{"a": (1/N) X̄ᵀX̄}`` when it is used (EMA variant, or the first batch); else ``{}``.
 

@@ -391,7 +391,8 @@ class TorchDistributor(Distributor):
     def global_batches(self, blocks, batches, /):
         """``batches`` as one process would see the concatenated batch of all ranks: rows
         gathered (rank-major), each rank's ``grad_scale`` folded into its output gradients;
-        row means (``Block.row_means``) averaged, weighted by each rank's examples.
+        what a block reads only as a mean over rows (``Block.row_means``,
+        ``Block.input_means``) averaged instead, weighted by each rank's examples.
 
         Every layer at once: one all-gather of the example counts (read on the host), one
         all-reduce of the row means, one all-gather of the rows per dtype.
@@ -419,7 +420,7 @@ class TorchDistributor(Distributor):
             for key, a in fields[name].items():
                 if a is None:
                     continue
-                if block.row_means and key != "inputs":
+                if block.input_means if key == "inputs" else block.row_means:
                     share = (batch.examples or batch.n_examples) / total
                     means.append((name, key, torch.mean(a, dim=tuple(range(a.ndim - 1))) * share))
                 else:
