@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -199,12 +200,34 @@ def case_options(rank, world):
         out[method.name + "/float32"] = [p.detach().clone() for p in model.parameters()]
     for method in METHODS:
         out[method.name + "/resume"] = _resume(method, rank, world)
+    out["nan"] = _nan_on_one_rank(rank, world)
     return out
+
+
+def _nan_on_one_rank(rank, world):
+    """Rank 1's shard holds a NaN in step 1: every rank skips that step, none steps alone
+    (the NaN reaches every rank through the reduced statistics and gradients, and the
+    verdict is agreed as well)."""
+    method = METHODS[0]
+    model = mlp(seed=1)
+    opt = make(method, model)
+    for step, (x, t) in enumerate(data(world)[:3]):
+        x = shard(x, rank, world).clone()
+        if step == 1 and rank == 1:
+            x[0, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            method.step(opt, model, x, shard(t, rank, world))
+    return {
+        "skipped": opt.skipped_steps,
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
 
 
 def _resume(method, rank, world):
     """Steps 0-1, rank 0's state_dict loaded by every rank into a fresh optimizer, steps
-    2-4: equal, bit for bit, to steps 0-4 without the reload."""
+    2-3 (a statistics and a refresh step): equal, bit for bit, to steps 0-3 without the
+    reload."""
     items = data(world)
     model = mlp(seed=1)
     opt = make(method, model)
@@ -213,12 +236,12 @@ def _resume(method, rank, world):
     if rank == 0:
         saved = [roundtrip((opt.state_dict(), model.state_dict()))]  # a copy, not references
     torch.distributed.broadcast_object_list(saved, src=0)
-    run_steps(method, model, opt, rank, world, items[2:])
+    run_steps(method, model, opt, rank, world, items[2:4])
     fresh = mlp(seed=2)
     opt2 = make(method, fresh)
     fresh.load_state_dict(saved[0][1])
     opt2.load_state_dict(saved[0][0])
-    run_steps(method, fresh, opt2, rank, world, items[2:])
+    run_steps(method, fresh, opt2, rank, world, items[2:4])
     return all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
 
 
@@ -321,7 +344,7 @@ def _reference_even(method, world):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_owners_precondition_float32_travel_and_resume_on_every_rank(tmp_path, monkeypatch):
+def test_owners_float32_resume_and_an_agreed_skip(tmp_path, monkeypatch):
     codes, logs, results = spawn("options", 2, tmp_path)
     assert codes == [0, 0], "\n".join(logs)
     monkeypatch.setattr(engine, "sample_output_grad", fake_sample)
@@ -331,6 +354,9 @@ def test_owners_precondition_float32_travel_and_resume_on_every_rank(tmp_path, m
             for got in results:
                 assert _close(got[method.name + "/owners"], want), method.name
                 assert got[method.name + "/resume"] is True, method.name
+        assert [r["nan"]["skipped"] for r in results] == [1, 1]
+        for p, q in zip(results[0]["nan"]["params"], results[1]["nan"]["params"]):
+            assert torch.equal(p, q)
         want = reference(METHODS[0], 2)
         got = results[0][METHODS[0].name + "/float32"]
         assert all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in zip(got, want))

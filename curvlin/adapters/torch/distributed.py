@@ -106,7 +106,13 @@ def distribute(optimizer, **options) -> TorchDistributor:
     ({'0': 0, '2': 0}, 103)
     >>> dist.destroy_process_group()
     """
-    driver = optimizer._curv.driver
+    curv = getattr(optimizer, "_curv", None)
+    if curv is None:
+        raise TypeError(
+            "distribute: optimizer must be a curvlin optimizer or Preconditioner, got "
+            f"{type(optimizer).__name__}"
+        )
+    driver = curv.driver
     distributor = TorchDistributor(**options)
     distributor.assign(driver.blocks)
     driver.distributor = distributor
