@@ -406,9 +406,11 @@ class TorchDistributor(Distributor):
         names = list(batches)
         if not names:
             return {}
+        like = next(a for b in batches.values() for a in b.arrays())
         local = torch.tensor(
             [[b.examples or b.n_examples, b.n_examples] for b in batches.values()],
             dtype=torch.int64,
+            device=like.device,  # NCCL reduces device tensors only
         )
         every = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(every, local, group=self.group)
