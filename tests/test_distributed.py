@@ -171,6 +171,7 @@ def case_exact(rank, world):
         opt = make(method, model, **options)
         run_steps(method, model, opt, rank, world, items_for(method, world))
         out[method.name + suffix] = [p.detach().clone() for p in model.parameters()]
+    out["preconditioner"] = _preconditioned(data(world), rank, world)
     if world == 2:
         for method in METHODS:
             model = nn.parallel.DistributedDataParallel(mlp(seed=1))
@@ -178,6 +179,22 @@ def case_exact(rank, world):
             run_steps(method, model, opt, rank, world, data(world)[:STEPS_EVEN])
             out[method.name + "/ddp"] = [p.detach().clone() for p in model.parameters()]
     return out
+
+
+def _preconditioned(items, rank=0, world=1):
+    """KFAC's Preconditioner in front of torch's SGD (one process: ``world`` 1)."""
+    from curvlin.adapters.torch import KFAC, Preconditioner
+
+    model = mlp(seed=1)
+    precond = Preconditioner(model, KFAC, damping=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for x, t in items:
+        x, t = shard(x, rank, world), shard(t, rank, world)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), t).backward()
+        if precond.step():
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def case_options(rank, world):
@@ -324,6 +341,8 @@ def test_distributed_step_equals_one_process_on_the_whole_batch(world, tmp_path,
                 if variant is method:
                     want = reference(method, world, **options)
                     assert _close(results[0][method.name + suffix], want), method.name + suffix
+            if method is METHODS[0]:
+                assert _close(results[0]["preconditioner"], _preconditioned(data(world)))
             sent = results[0][method.name + "/sent"]
             assert sent["gradients"] > 0, method.name  # no DDP: the distributor averaged them
             if not method.per_parameter:  # statistics, or SMW's gathered rows, travelled
