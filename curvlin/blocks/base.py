@@ -237,6 +237,13 @@ class Block:
     #: :class:`~curvlin.blocks.KernelBlock`): the driver then preconditions every such layer
     #: together from the step's batches (:meth:`Driver.precondition`), not one by one.
     coupled: ClassVar[bool] = False
+    #: Whether :meth:`before_second_pass`, :meth:`second_pass` and :meth:`check` read the
+    #: inputs only through their mean over rows (K-BFGS with an EMA ``A``): a distributor then
+    #: averages that mean instead of gathering the rows.
+    input_means: ClassVar[bool] = False
+    #: Whether every square statistic of :meth:`statistics` is symmetric (a Gram matrix): a
+    #: distributor may then send only its upper triangle.
+    symmetric_statistics: ClassVar[bool] = False
     #: Whether ``output_grads`` may carry a leading axis of ``k`` output directions per example,
     #: ``(k, R, d_out)`` (the columns of an output-Hessian square root: exact Gauss–Newton).
     output_directions: ClassVar[bool] = False

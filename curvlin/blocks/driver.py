@@ -42,18 +42,69 @@ CHECKPOINT_FORMAT = 1
 
 class Distributor:
     """The distribution hook point: what a driver asks of the other ranks. In one process,
-    nothing (this class); a distributed adapter overrides both methods.
+    nothing (this class); a distributed adapter (e.g.
+    :class:`curvlin.adapters.torch.distributed.TorchDistributor`) overrides the hooks.
     """
 
+    #: Whether every rank preconditions every layer (else each layer's owner does, and
+    #: :meth:`share_directions` hands the directions to the others).
+    precondition_all: bool = True
+    #: The number of ranks (1: this class). Collectives must come in the same order on every
+    #: rank, so an adapter batches per-layer work over all layers when it is above 1.
+    world: int = 1
+
+    def assign(self, blocks: Mapping[str, Block], /) -> None:
+        """Learn the layers (e.g. to give each an owning rank by :meth:`Block.cost`)."""
+
+    def refreshes(self, name: str, /) -> bool:
+        """Whether this rank refreshes layer ``name`` (its owner does)."""
+        return True
+
+    def agree(self, finite: Array, /) -> Array:
+        """The finiteness verdict of all ranks (finite only where every rank's is)."""
+        return finite
+
+    def shared_gradient(self, batch: LayerBatch, /) -> LayerBatch:
+        """A parameter unit's batch with its gradient averaged over the ranks (its statistics
+        are not linear in the gradient, and are not reduced again); any other batch as it
+        is."""
+        return batch
+
     def reduce_statistics(
-        self, stats: dict[str, dict[str, Array]], /
+        self,
+        stats: dict[str, dict[str, Array]],
+        examples: Mapping[str, int | None] | None = None,
+        /,
     ) -> dict[str, dict[str, Array]]:
-        """Average each layer's statistics over the ranks (they are means over examples)."""
+        """Average each layer's statistics over the ranks (they are means over examples),
+        weighted by ``examples`` (this rank's count per layer; None: already global)."""
         return stats
 
+    def average(self, arrays: list, /, examples: int | None = None) -> None:
+        """Average ``arrays`` over the ranks in place, weighted by ``examples`` (this rank's
+        count; None: equally), whatever else averages the gradients (a loss, say)."""
+
+    def reduce_gradients(self, grads: list, /, examples: int | None = None) -> None:
+        """Average the step's gradients over the ranks, in place, weighted by ``examples``
+        (this rank's count, None if unknown), unless something else (DDP) does."""
+
     def share_states(self, states: dict[str, BlockState], /) -> dict[str, BlockState]:
-        """Make every rank hold the refreshed states (e.g. broadcast from each layer's owner)."""
+        """Make every rank hold the refreshed states (e.g. broadcast from each layer's
+        owner). ``states`` may be the driver's own dict (``install``): update it in place and
+        return it."""
         return states
+
+    def share_directions(self, directions: dict, grads: Mapping, /) -> dict:
+        """Every layer's direction, from the ranks that made them (only called when not
+        :attr:`precondition_all`)."""
+        return directions
+
+    def global_batches(
+        self, blocks: Mapping[str, Block], batches: Mapping[str, LayerBatch], /
+    ) -> Mapping[str, LayerBatch]:
+        """``batches`` as one process would see the whole batch of all ranks (for what
+        reads rows after the statistics: second passes, checks, coupled solves)."""
+        return batches
 
 
 class Driver:
@@ -107,6 +158,7 @@ class Driver:
         self.schedule = schedule
         self.owner = owner
         self.distributor = distributor or Distributor()
+        self.distributor.assign(self.blocks)
         #: Steps taken (skipped ones not counted).
         self.step = 0
         #: Steps skipped because their gradients or statistics held NaN or inf.
@@ -153,6 +205,16 @@ class Driver:
         sums = xp.stack([xp.astype(xp.sum(a), xp.float32) for a in arrays])
         return bool(xp.all(xp.isfinite(sums)))
 
+    def verdict(self, arrays) -> bool:
+        """:meth:`all_finite`, agreed by every rank (:meth:`Distributor.agree`): all ranks skip
+        a step or none does. Still one host synchronisation."""
+        arrays = [a for a in arrays if a is not None]
+        if not arrays:
+            return True
+        xp = get_backend(arrays[0]).xp
+        sums = xp.stack([xp.astype(xp.sum(a), xp.float32) for a in arrays])
+        return bool(self.distributor.agree(xp.all(xp.isfinite(sums))))
+
     def skip(self, why: str = "its gradients or curvature statistics hold NaN or inf") -> None:
         """Count a skipped step and warn; nothing else changes."""
         self.skipped += 1
@@ -163,12 +225,16 @@ class Driver:
         )
 
     def statistics(self, batches: Mapping[str, LayerBatch], /) -> dict[str, dict[str, Array]]:
-        """Each captured layer's :meth:`Block.statistics`, averaged across ranks."""
-        stats = {
-            name: self.blocks[name].statistics(self.states[name], batch)
-            for name, batch in batches.items()
-        }
-        return self.distributor.reduce_statistics(stats)
+        """Each captured layer's :meth:`Block.statistics`, averaged across ranks (weighted by
+        their examples; a parameter unit's gradient is averaged first)."""
+        stats, examples = {}, {}
+        for name, batch in batches.items():
+            shared = self.distributor.shared_gradient(batch)
+            # a parameter unit's statistics come from a gradient that is already global
+            examples[name] = batch.n_examples if batch.grad is None else None
+            stats[name] = self.blocks[name].statistics(self.states[name], shared)
+            del batch, shared
+        return self.distributor.reduce_statistics(stats, examples)
 
     @staticmethod
     def probes(stats: Mapping[str, Mapping[str, Array]] | None, /) -> list[Array]:
@@ -208,7 +274,8 @@ class Driver:
             del layer_stats
         if self.refresh_due():
             for name, block in self.blocks.items():
-                states[name] = block.refresh(states[name], damping=damping[name])
+                if self.distributor.refreshes(name):  # this rank owns the layer
+                    states[name] = block.refresh(states[name], damping=damping[name])
             states = self.distributor.share_states(states)
         return states
 
@@ -247,12 +314,21 @@ class Driver:
         ``states`` is read as each layer comes, so it may be the dictionary such calls update.
         """
         coupled = []
+        dist = self.distributor
+        mine = {}
         for name in sorted(grads, key=lambda n: self.blocks[n].d_out * self.blocks[n].d_a):
+            grad_w, grad_b = grads[name]
             block, state = self.blocks[name], states[name]
             if block.coupled:
                 coupled.append(name)
+            elif not dist.precondition_all:
+                if dist.refreshes(name) and block.ready(state):
+                    mine[name] = block.precondition(state, grad_w, grad_b)
             elif block.ready(state):
-                yield name, block.precondition(state, *grads[name])
+                yield name, block.precondition(state, grad_w, grad_b)
+        if not dist.precondition_all:
+            rest = {n: g for n, g in grads.items() if not self.blocks[n].coupled}
+            yield from dist.share_directions(mine, rest).items()
         if coupled:
             yield from self._precondition_coupled(coupled, grads, batches, damping).items()
 
@@ -269,6 +345,10 @@ class Driver:
             )
         lam = values.pop()
         parts, lone = [], []
+        # the kernel couples the examples of every rank
+        batches = self.distributor.global_batches(
+            self.blocks, {n: batches[n] for n in names if n in batches}
+        )
         for name in names:
             block = self.blocks[name]
             mat = block.joined(*grads[name])
@@ -298,11 +378,15 @@ class Driver:
         that applies directions one layer at a time frees each layer's inputs after its
         direction; the update reads the state the direction used, so the result is the same)."""
         states, rest = (self.states if install else dict(states)), dict(batches)
-        for name in batches if names is None else names:
-            batch, block = batches[name], self.blocks[name]
-            if "second_pass" in block.needs and batch.inputs is not None:
-                states[name] = block.before_second_pass(states[name], batch, damping=damping[name])
-                rest[name] = replace(batch, inputs=None)
+        due = {
+            name: batches[name]
+            for name in (batches if names is None else names)
+            if "second_pass" in self.blocks[name].needs and batches[name].inputs is not None
+        }
+        for name, whole in self.distributor.global_batches(self.blocks, due).items():
+            block = self.blocks[name]
+            states[name] = block.before_second_pass(states[name], whole, damping=damping[name])
+            rest[name] = replace(batches[name], inputs=None)
         return states, rest
 
     def second_pass(
@@ -315,14 +399,21 @@ class Driver:
     ) -> dict[str, BlockState]:
         """Second-pass updates of the layers seen in both passes on the same rows."""
         states = dict(states)
+        pairs = {}
         for name, batch in batches.items():
             plus = batches_plus.get(name)
-            block = self.blocks[name]
-            if "second_pass" not in block.needs or plus is None:
+            if "second_pass" not in self.blocks[name].needs or plus is None:
                 continue
             if plus.outputs is not None and tuple(plus.outputs.shape) != tuple(batch.outputs.shape):
                 continue  # the layer was not reached the same way in the second pass
-            states[name] = block.second_pass(states[name], batch, plus, damping=damping[name])
+            pairs[name] = (batch, plus)
+        whole = self.distributor.global_batches(self.blocks, {n: b for n, (b, _) in pairs.items()})
+        plus = self.distributor.global_batches(self.blocks, {n: p for n, (_, p) in pairs.items()})
+        for name in pairs:
+            block = self.blocks[name]
+            states[name] = block.second_pass(
+                states[name], whole[name], plus[name], damping=damping[name]
+            )
         return states
 
     def second_pass_after_commit(
@@ -353,8 +444,9 @@ class Driver:
         """:meth:`Block.check` of every captured layer; returns the states and what was rebuilt."""
         states = dict(states)
         rebuilt = {}
-        for name, batch in batches.items():
-            states[name], what = self.blocks[name].check(states[name], batch, damping=damping[name])
+        for name, whole in self.distributor.global_batches(self.blocks, batches).items():
+            block = self.blocks[name]
+            states[name], what = block.check(states[name], whole, damping=damping[name])
             if what:
                 rebuilt[name] = what
         return states, rebuilt

@@ -229,6 +229,7 @@ class KBFGSBlock(Block):
     #: Inputs are read through their Gram matrix (the first batch, a repair), their mean
     #: and two products with a vector (the minibatch ``H_a`` update).
     inputs_as_rows: ClassVar[bool] = True
+    symmetric_statistics: ClassVar[bool] = True
 
     d_out: int
     d_in: int
@@ -334,6 +335,12 @@ class KBFGSBlock(Block):
         """
         batch = LayerBatch(inputs=x, n_examples=n_examples)
         return self.fold(state, self.statistics(state, batch), damping=damping)
+
+    @property
+    def input_means(self) -> bool:  # type: ignore[override]
+        """With the EMA ``A``, the second pass and the check read the inputs only through
+        their mean ``u`` (the minibatch variant applies the batch's ``A`` from the rows)."""
+        return self.a_update == "ema"
 
     def statistics(self, state: KBFGSState, batch: LayerBatch, /) -> dict[str, Array]:
         """``{"a": (1/N) X̄ᵀX̄}`` when it is used (EMA variant, or the first batch); else ``{}``.

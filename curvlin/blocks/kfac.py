@@ -128,6 +128,7 @@ class KFACBlock(Block):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"inputs", "output_grads"})
+    symmetric_statistics: ClassVar[bool] = True
 
     d_out: int
     d_in: int

@@ -117,6 +117,7 @@ class MBFBlock(Block):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"inputs", "output_grads"})
+    symmetric_statistics: ClassVar[bool] = True
     #: A convolution's output gradients come as their ``(N, T, c_out)`` view (no copy).
     flat_outputs: ClassVar[bool] = False
 

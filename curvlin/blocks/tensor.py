@@ -138,6 +138,8 @@ class TensorBlock(Block):
 
     #: Parameter blocks have no separate bias.
     bias: ClassVar[bool] = False
+    #: The mode covariances are Gram matrices (Adam grafting's ``g2`` is one row).
+    symmetric_statistics: ClassVar[bool] = True
 
     shape: tuple[int, ...]
     modes: tuple[int, ...] = ()

@@ -120,6 +120,7 @@ class Curvature:
         seed: int = 0,
         units: str = "layers",
         subsample: int | None = None,
+        distributor=None,
     ):
         if units not in UNITS:
             raise ValueError(f"{owner}: units must be one of {UNITS}, got {units!r}")
@@ -174,13 +175,21 @@ class Curvature:
         #: number of examples behind them (1 for a summed loss).
         self.sampled_grads: dict[str, torch.Tensor] = {}
         self.sampled_examples = 1
+        self.examples: int | None = None
         blocks, states = {}, {}
         for name, handler in self.layers.items():
             block = make_block(name, handler)
             weight = handler.weight.detach()
             dtype = factor_dtype or default_factor_dtype(weight.dtype)
             blocks[name], states[name] = block, block.init(weight, dtype=dtype)
-        self.driver = Driver(blocks, states, schedule=schedule, owner=owner)
+        # Only under an initialised process group is anything distributed loaded.
+        if distributor is None and _distributed():
+            from .distributed import default_distributor
+
+            distributor = default_distributor(model)
+        self.driver = Driver(
+            blocks, states, schedule=schedule, owner=owner, distributor=distributor
+        )
         if fisher == "ggn" and not all(b.output_directions for b in blocks.values()):
             raise ValueError(
                 f"{owner}: fisher='ggn' needs blocks that take output directions "
@@ -539,6 +548,11 @@ class Curvature:
                 )
 
     def first_pass(self, grads, probes, *, damping):
+        extra = list(probes)  # the fallback's gradients: averaged across ranks with the rest
+        #: This step's examples, where captured (read before the capture is cleared).
+        self.examples = examples = self.capture.examples or (
+            self.sampled_examples if self.sampled_grads else None
+        )
         """A step up to the parameter update: statistics, the finiteness verdict on them, the
         gradients and ``probes``, then fold and refresh. Returns the new states (not
         committed) and the batches a second pass or a check will read, or None when the step
@@ -553,7 +567,11 @@ class Curvature:
         probes += driver.probes(stats)
         if ("second_pass" in self.needs or driver.coupled) and batches:
             probes += _batch_probes(self, batches)
-        if not driver.all_finite(probes):
+        driver.distributor.reduce_gradients(
+            [t for pair in grads.values() for t in pair if t is not None] + list(extra),
+            examples,
+        )
+        if not driver.verdict(probes):
             driver.skip()
             return None
         del probes  # diagonals are views: they would keep every statistic alive
@@ -814,17 +832,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
         model = None
         # The input-side update before the second pass needs only the first pass and the
-        # state the direction used: it runs as each layer's direction is applied (and is
-        # installed, so the step stands with it), which frees that layer's input rows before
-        # the next direction is made. A check reads the inputs after the second pass.
+        # state the direction used: in one process it runs as each layer's direction is
+        # applied (and is installed, so the step stands with it), which frees that layer's
+        # input rows before the next direction is made; across ranks once, for all layers,
+        # in one gather. A check reads the inputs after the second pass.
         early = bool(batches) and curv.second_pass_due and not driver.check_due()
+        per_layer = early and driver.distributor.world == 1
         if self.kl_clip is None and not adapt:
             # Nothing couples the layers' steps: each is applied as soon as it is made, so
             # only one layer's direction is alive at a time.
             for name, pair in directions:
                 for p, direction, _, new_buffer in self._layer_updates(name, pair, grads, buffers):
                     self._apply(p, direction, group_of[id(p)], new_buffer)
-                if early and name in batches:
+                if per_layer and name in batches:
                     pair = p = direction = new_buffer = None
                     states, batches = driver.before_second_pass(
                         states, batches, damping=damping, install=True, names=[name]
@@ -877,7 +897,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         lr = self.param_groups[0]["lr"]
         predicted = predicted_change(nu * g_dot_d, nu * nu * d_dot_m, lr=lr)
         values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (
-            loss, loss_plus, predicted)]).cpu()  # fmt: skip
+            loss, loss_plus, predicted)])  # fmt: skip
+        # the losses are this rank's batch's: every rank must adapt alike
+        self._curv.driver.distributor.average([values], self._curv.examples)
+        values = values.cpu()
         before, after, predicted = (float(v) for v in values)
         self.last_ratio = reduction_ratio(after - before, predicted)
         factor = 0.95**self.adapt_every  # Martens & Grosse's (19/20)^T
@@ -1044,6 +1067,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
                 if value.is_floating_point() and not bool(value.isfinite().all()):
                     raise ValueError(f"{what} buffer {name!r} holds NaN or inf")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _copy(state):
