@@ -279,6 +279,67 @@ class Driver:
             states = self.distributor.share_states(states)
         return states
 
+    def warm_start(
+        self, batches: Iterable[Mapping[str, LayerBatch]], /, *, damping: Mapping[str, float]
+    ) -> int:
+        """Before the first step, make the mean statistics of several batches the first ones.
+
+        Each item of ``batches`` is one batch's :class:`LayerBatch` per layer. Their
+        statistics (means over examples) are averaged, weighted by each batch's
+        ``n_examples`` (1 where an adapter does not know it, e.g. a parameter unit's
+        empirical gradient: then the arithmetic mean over batches), folded as one batch (a
+        block's first fold takes its statistics as they are: an EMA starts at the mean) and
+        refreshed; no step is counted, so the schedule is unchanged. The first step then
+        folds its own batch as any later one does. A batch whose statistics hold NaN or inf
+        raises before anything changes. Returns the number of batches.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlin.blocks import Driver, KFACBlock, LayerBatch, Schedule
+        >>> rng = np.random.default_rng(0)
+        >>> block = KFACBlock(d_out=2, d_in=3)
+        >>> driver = Driver({"fc": block}, {"fc": block.init(np.zeros(0))}, schedule=Schedule())
+        >>> parts = [{"fc": LayerBatch(inputs=rng.standard_normal((4, 3)),
+        ...                            output_grads=rng.standard_normal((4, 2)), n_examples=4)}
+        ...          for _ in range(3)]
+        >>> driver.warm_start(parts, damping={"fc": 0.1}), driver.step
+        (3, 0)
+        >>> one = [Driver({"fc": block}, {"fc": block.init(np.zeros(0))}, schedule=Schedule())
+        ...        for _ in parts]
+        >>> for d, part in zip(one, parts):
+        ...     _ = d.warm_start([part], damping={"fc": 0.1})
+        >>> bool(np.allclose(driver.states["fc"].a, sum(d.states["fc"].a for d in one) / 3))
+        True
+        """
+        if self.step != 0:
+            raise RuntimeError(
+                f"{self.owner}.warm_start: only before the first step (this is step {self.step})"
+            )
+        total: dict[str, dict[str, Array]] = {}
+        weight: dict[str, float] = {}
+        count = 0
+        for part in batches:
+            stats = self.statistics(part)
+            if not self.verdict(self.probes(stats)):
+                raise ValueError(
+                    f"{self.owner}.warm_start: the statistics of batch {count} hold NaN or inf "
+                    "(nothing was changed)"
+                )
+            for name, layer_stats in stats.items():
+                w = float(part[name].n_examples)
+                weight[name] = weight.get(name, 0.0) + w
+                old = total.setdefault(name, {})
+                for key, value in layer_stats.items():
+                    old[key] = w * value if key not in old else old[key] + w * value
+            count += 1
+        mean = {name: {k: v / weight[name] for k, v in s.items()} for name, s in total.items()}
+        self.update(self.fold_refresh(mean, damping=damping))
+        if self.schedule.refresh_every == 1:  # the first step refreshes before it preconditions
+            for name, block in self.blocks.items():
+                self.states[name] = block.release(self.states[name])
+        return count
+
     def precondition(
         self,
         states: Mapping[str, BlockState],

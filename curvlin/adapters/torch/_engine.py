@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -815,8 +815,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         grads = curv.layer_grads({k: g["weight_decay"] for k, g in group_of.items()})
         others = [p for p in curv.other_params if p.grad is not None]
-        damping = {name: self.curvature_damping(group_of[id(h.weight)])
-                   for name, h in curv.layers.items()}  # fmt: skip
+        damping = self._layer_damping(group_of)
         first = curv.first_pass(grads, [p.grad for p in others], damping=damping)
         if first is None:
             return loss  # skipped: nothing changed
@@ -881,6 +880,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if adapt and model is not None:
             self._adapt_damping(loss, loss_plus, closure, model)
         return loss
+
+    def _layer_damping(self, group_of=None) -> dict[str, float]:
+        """Each layer's damping, from its weight's param group."""
+        if group_of is None:
+            group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        return {name: self.curvature_damping(group_of[id(h.weight)])
+                for name, h in self._curv.layers.items()}  # fmt: skip
+
+    def warm_start(self, closures: Iterable[Callable[[], torch.Tensor]]) -> int:
+        """Before the first step, start the curvature at the mean statistics of several batches.
+
+        Each closure runs the forward and backward pass of one batch as a step's closure does
+        (``opt.backward_fisher(output)`` first for a sampled Fisher); for instance one pass
+        over the training set, as TNT's paper does before its first step. No parameter
+        changes and no step is counted: the batches' statistics, averaged by examples, become
+        the first statistics (an EMA starts at their mean instead of at the first step's
+        batch), and the first step folds its batch into them as any later step does. The
+        gradients the closures leave are cleared. Returns the number of batches.
+
+        A method whose curvature comes from its steps alone (K-BFGS's ``H_g``, SMW's kernel)
+        starts only the part that statistics make (K-BFGS's ``H_a``). Under a process group
+        every rank hands the same number of batches (each batch's statistics are reduced).
+        """
+        curv = self._curv
+
+        def batches():
+            for closure in closures:
+                curv.run_closure(closure)
+                yield curv.collect()
+
+        try:
+            return curv.driver.warm_start(batches(), damping=self._layer_damping())
+        finally:
+            curv.capture.clear()
+            self.zero_grad(set_to_none=True)
 
     @staticmethod
     def curvature_damping(group) -> float:
