@@ -56,7 +56,7 @@ def _pi_gammas(g, a, damping):
 
 
 def _one_step(model, X, y, **kwargs):
-    kwargs = {"lr": 0.0, "momentum": 0.0, "decay": 0.0, **kwargs}
+    kwargs = {"lr": 0.0, "momentum": 0.0, "decay": 0.0, "kl_clip": None, **kwargs}
     opt = KFAC(model, **kwargs)
     opt.zero_grad()
     _backward(model, X, y)
@@ -194,7 +194,8 @@ def test_step_with_weight_decay_and_lr():
 
 @pytest.mark.parametrize("kl_clip", [1e-6, 1e6])
 def test_step_with_kl_clip(kl_clip):
-    """``ν = min(1, sqrt(kl_clip / (lr² |Σ Δ·∇|)))`` over all layers scales every update."""
+    """``ν = min(1, sqrt(kl_clip / (lr² |Σ Δ·M|)))`` over all layers scales every update (on a
+    first step without momentum ``M`` is the gradient)."""
     lr = 0.5
     model, X, y = _setup("mlp")
     before = _snapshot(model)
@@ -216,13 +217,39 @@ def test_step_with_kl_clip(kl_clip):
         )
 
 
+def test_kl_clip_reads_the_vector_that_was_preconditioned():
+    """With momentum, ``ν`` comes from ``|Σ Δ·M|``, ``M = μ g₁ + g₂`` the buffer that ``Δ = P M``
+    was made from (a norm of the step in the damped curvature's metric), not from ``Δ·g₂``."""
+    lr, mu, clip = 0.2, 0.9, 1e-6
+    model, X, y = _setup("mlp")
+    X2 = torch.randn_like(X)
+    opt = KFAC(model, lr=lr, momentum=mu, damping=0.1, decay=0.5, kl_clip=clip)
+    mods = _modules(model)
+    grads = []
+    for batch in (X, X2):
+        before = _snapshot(model)
+        opt.zero_grad()
+        _backward(model, batch, y)
+        opt.step()
+        grads.append({name: layer_grad_vec(m).numpy() for name, m in mods.items()})
+    buffers = {name: mu * grads[0][name] + grads[1][name] for name in mods}
+    directions = {name: opt.inverse_operator(name) @ buffers[name] for name in mods}
+    quad = sum(float(directions[name] @ buffers[name]) for name in mods)
+    nu = min(1.0, math.sqrt(clip / (lr**2 * quad)))
+    assert nu < 1e-2  # the clip is active
+    for name, m in mods.items():
+        np.testing.assert_allclose(
+            _layer_update(m, before[name]).numpy(), -lr * nu * directions[name], rtol=1e-9
+        )
+
+
 @pytest.mark.parametrize("form", ["gradient", "direction"])
 def test_heavy_ball_momentum_over_two_steps(form):
     """``"gradient"``: Δ₂ = P₂(μ g₁ + g₂); ``"direction"``: Δ₂ = μ P₁ g₁ + P₂ g₂."""
     lr, mu = 0.2, 0.9
     model, X, y = _setup("mlp")
     X2 = torch.randn_like(X)
-    opt = KFAC(model, lr=lr, momentum=mu, damping=0.1, decay=0.5, momentum_form=form)
+    opt = KFAC(model, lr=lr, momentum=mu, damping=0.1, decay=0.5, momentum_form=form, kl_clip=None)
     mods = _modules(model)
     grads, inverses = [], []
     for batch in (X, X2):
@@ -259,7 +286,7 @@ def test_preconditioner_then_sgd_equals_kfac_step():
     twin, _, _ = _setup("mlp")
     precond = KFACPreconditioner(model, damping=0.1, decay=0.0)
     sgd = torch.optim.SGD(model.parameters(), lr=0.4)
-    kfac = KFAC(twin, lr=0.4, momentum=0.0, damping=0.1, decay=0.0)
+    kfac = KFAC(twin, lr=0.4, momentum=0.0, damping=0.1, decay=0.0, kl_clip=None)
     for m, step in ((model, lambda: (precond.step(), sgd.step())), (twin, kfac.step)):
         _backward(m, X, y)
         step()
@@ -329,7 +356,7 @@ def test_summed_loss_step_equals_mean_loss_step(exact):
     n, damping = 6, 0.1
     model_mean, X, y = _setup("cnn", n=n)
     model_sum, _, _ = _setup("cnn", n=n)
-    kw = {"lr": 1.0, "momentum": 0.0, "exact_damping": exact}
+    kw = {"lr": 1.0, "momentum": 0.0, "exact_damping": exact, "kl_clip": None}
     opt_mean = KFAC(model_mean, damping=damping, **kw)
     opt_sum = KFAC(model_sum, damping=n * damping, loss_reduction="sum", **kw)
     F.cross_entropy(model_mean(X), y).backward()

@@ -85,7 +85,7 @@ def adam_best(digits):
 @pytest.mark.parametrize(
     ("name", "make", "measured"),
     [
-        ("KFAC", lambda m: KFAC(m, lr=0.003, damping=1e-3), 0.785),
+        ("KFAC", lambda m: KFAC(m, lr=0.003, damping=1e-3), 0.756),
         ("K-BFGS", lambda m: KBFGS(m, lr=0.3, damping=0.1), 1.38),
         ("K-BFGS(L)", lambda m: KBFGSL(m, lr=0.3, damping=0.1), 1.25),
         (

@@ -59,7 +59,7 @@ def _factors(opt, make):
     ("front", "options", "factors", "sizes"),
     [
         # uneven batches: KFAC's statistics are means over examples, weighted by them
-        (KFAC, {}, lambda s: (s.g, s.a), (8, 8, 4)),
+        (KFAC, {"decay": 0.8}, lambda s: (s.g, s.a), (8, 8, 4)),
         # TNT's are estimates from each batch's mean gradient: their arithmetic mean (spec §1)
         (TNT, {"fisher": "empirical", "decay": 0.8}, lambda s: s.factors, (8, 8, 8)),
     ],
@@ -88,7 +88,7 @@ def test_warm_start_is_the_weighted_mean_then_the_ema(front, options, factors, s
     one = _factors(step_alone, factors)
     step_alone.remove_hooks()
     opt.step(_closure(opt, model, x, t))
-    beta = 0.95 if front is KFAC else options["decay"]
+    beta = options["decay"]
     for name in opt.layer_names:
         for i, value in enumerate(_factors(opt, factors)[name]):
             want = beta * got[name][i] + (1 - beta) * one[name][i]

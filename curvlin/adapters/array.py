@@ -310,7 +310,7 @@ class Method:
         return tuple(p.name for p in params if p.kind in kinds)
 
 
-def _kfac(layer, *, decay=0.95, exact_damping=False):
+def _kfac(layer, *, decay=0.9, exact_damping=False):
     return KFACBlock(
         layer.d_out, layer.matrix_in, bias=layer.bias, decay=decay, exact=exact_damping
     )

@@ -654,7 +654,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Each supported layer gets ``Δ = P(∇W̄ + τW̄)``, the method's preconditioned gradient
     with L2 weight decay ``τ`` added first; with ``kl_clip`` the whole step is scaled by
-    ``ν = min(1, √(kl_clip / (lr² |Σ Δ·∇|)))``; then ``momentum`` (see ``momentum_form``).
+    ``ν = min(1, √(kl_clip / (lr² |Σ Δ·M|)))``, ``M`` the vector ``Δ`` was made from; then
+    ``momentum`` (see ``momentum_form``).
     Unsupported parameters get the fallback chosen by ``unsupported``. The front passes its
     block factory and options; see :class:`Curvature` for the engine options.
     """
@@ -969,18 +970,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, pair in directions.items():
             for p, d, g, buf in self._layer_updates(name, pair, grads, buffers):
                 out.append((p, d, buf))
-                if self.kl_clip is not None or model:
-                    g_dot_d.append((d * g).sum())
                 if model:
+                    g_dot_d.append((d * g).sum())
+                if self.kl_clip is not None or model:
                     d_dot_m.append((d * (g if buf is None else buf)).sum())
         nu = 1.0
-        if self.kl_clip is not None and g_dot_d:
+        if self.kl_clip is not None and d_dot_m:
             lr = self.param_groups[0]["lr"]
-            quad = torch.stack(g_dot_d).sum().abs() * lr**2
+            quad = torch.stack(d_dot_m).sum().abs() * lr**2
             nu = torch.clamp(torch.sqrt(self.kl_clip / quad.clamp_min(1e-30)), max=1.0)
             for _, d, _ in out:  # directions are new arrays (Block.precondition)
                 d.mul_(nu.to(d.dtype))
-        if not model or not g_dot_d:
+        if not model or not d_dot_m:
             return out, None
         return out, (torch.stack(g_dot_d).sum(), torch.stack(d_dot_m).sum(), nu)
 
@@ -1346,8 +1347,12 @@ COMMON_DOC = """
         form: ``torch.optim.SGD`` applied to ``Δ``). For a slowly changing ``P`` the two agree
         at the same ``lr``.
     kl_clip : float, optional
-        If set, scale the step so that ``lr² · |Σ Δ·∇| <= kl_clip`` (kfac-pytorch's KL
-        clipping), on the device, without a host synchronisation.
+        If set, scale the step so that ``lr² · |Σ Δ·M| <= kl_clip`` (kfac-pytorch's KL
+        clipping), on the device, without a host synchronisation. ``M`` is the vector that
+        was preconditioned, ``Δ = P M``: the momentum buffer (``"gradient"``) or the gradient
+        (``"direction"``). For a method whose ``P`` is the inverse of a damped curvature
+        ``C + λI``, ``lr²·ΔᵀM`` is the step's squared length in that curvature's metric, so
+        the clipped step is at most ``√(kl_clip / λ)`` long whatever the curvature does.
     adaptive_damping : bool
         Adapt the curvature groups' ``damping`` by the Levenberg–Marquardt rule
         (:func:`curvlin.lm_adapt`) every ``adapt_every`` steps: the loss after the step, on the

@@ -16,7 +16,8 @@ __all__ = ["KFAC", "KFACPreconditioner"]
 
 _KFAC_DOC = """
     decay : float
-        EMA decay of the Kronecker factors.
+        EMA decay of the Kronecker factors. KFAC's ``kl_clip`` defaults to ``1e-2`` (the
+        other methods': None): see docs/kfac.md for the protocol these defaults come from.
     exact_damping : bool
         False: π-split damping ``(G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹``; True: ``(G ⊗ A + λI)⁻¹``.
     fisher : {"empirical", "mc"}
@@ -71,7 +72,7 @@ class KFAC(CurvatureOptimizer):
     >>> x = torch.randn(64, 4)
     >>> y = x.sum(dim=1, keepdim=True)
     >>> first = ((model(x) - y) ** 2).mean().item()
-    >>> for _ in range(20):
+    >>> for _ in range(40):
     ...     opt.zero_grad()
     ...     loss = ((model(x) - y) ** 2).mean()
     ...     loss.backward()
@@ -91,10 +92,10 @@ class KFAC(CurvatureOptimizer):
         weight_decay: float = 0.0,
         *,
         momentum_form: str = "gradient",
-        kl_clip: float | None = None,
+        kl_clip: float | None = 1e-2,
         adaptive_damping: bool = False,
         adapt_every: int = 5,
-        decay: float = 0.95,
+        decay: float = 0.9,
         exact_damping: bool = False,
         fisher: str = "empirical",
         loss: str | None = None,
@@ -135,7 +136,7 @@ class KFAC(CurvatureOptimizer):
         )
 
     @staticmethod
-    def block_factory(*, decay: float = 0.95, exact_damping: bool = False, **engine_options):
+    def block_factory(*, decay: float = 0.9, exact_damping: bool = False, **engine_options):
         """The block of each layer, and the engine options left over (for the engine)."""
         if not isinstance(exact_damping, bool):
             raise TypeError(f"KFAC: exact_damping must be a bool, got {exact_damping!r}")
