@@ -265,7 +265,8 @@ def verdicts(runs: list[Run], thresholds: list[tuple[str, float]]) -> list[str]:
                 elif hit > ref and t_run < t_ref:
                     out.append(
                         f"{run.name} needs more iterations than {base.name} to reach {label} "
-                        f"({target:.2f}) ({hit} vs {ref}) but wins in time ({t_run:.1f} s vs {t_ref:.1f} s)"
+                        f"({target:.2f}) ({hit} vs {ref}) but wins in time ({t_run:.1f} s vs "
+                        f"{t_ref:.1f} s)"
                     )
     return out
 
