@@ -179,7 +179,11 @@ def layer_rows(trainer, *, repeat: int = 2):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m curvlin bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m curvlin bench",
+        description="Step time and peak memory of every optimizer against SGD on one model, "
+        "with a per-layer cost breakdown (docs/demo.md).",
+    )
     p.add_argument("--model", default="autoencoder", help="autoencoder, cnn or module:factory")
     p.add_argument(
         "--methods", default="all", help=f"comma-separated subset of {', '.join(SETTINGS)}"

@@ -38,7 +38,7 @@ ARCHITECTURES = {
     "mnist": (784, 1000, 500, 250, 30),
     "digits": (64, 128, 64, 16),
 }
-#: Kept for code that imported the old name.
+#: The default problem's encoder.
 ARCHITECTURE = ARCHITECTURES["curves"]
 #: Smoothing window of the reported training loss (the mean of the last so many batch losses).
 WINDOW = 20
@@ -198,10 +198,6 @@ def first_reach(run: Run, target: float) -> int | None:
     return int(hit[0]) + 1 if hit.size else None
 
 
-def iterations_to_reach(run: Run, target: float) -> int | None:  # the old name
-    return first_reach(run, target)
-
-
 def default_thresholds(runs: list[Run]) -> list[tuple[str, float]]:
     """The final smoothed losses of the first-order baselines run (else of every run)."""
     base = [r for r in runs if SETTINGS[r.name].baseline] or runs
@@ -297,8 +293,15 @@ def plot(runs: list[Run], path: str, title: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m curvlin demo", description=__doc__.split("\n")[0])
-    p.add_argument("--problem", choices=tuple(ARCHITECTURES), default="curves")
+    p = argparse.ArgumentParser(
+        prog="python -m curvlin demo",
+        description="Train a deep autoencoder with every optimizer from the same start and "
+        "compare them in iterations and in seconds (docs/demo.md).",
+    )
+    p.add_argument(
+        "--problem", choices=tuple(ARCHITECTURES), default="curves",
+        help="generated CURVES (default), MNIST from --data, or scikit-learn's digits",
+    )  # fmt: skip
     p.add_argument("--data", help="directory of the MNIST IDX files (--problem mnist)")
     p.add_argument(
         "--methods", "--optimizers", dest="methods", default="all",
@@ -310,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("CURVLIN_DEMO_ITERATIONS", 300)),
         help="steps per optimizer (default 300, or $CURVLIN_DEMO_ITERATIONS: CI's short run)",
     )
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=250, help="default 250")
     p.add_argument("--train-size", type=int, default=20000, help="curves: generated images")
     p.add_argument("--test-size", type=int, default=2000, help="curves: held-out images")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
