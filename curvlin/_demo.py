@@ -238,32 +238,25 @@ def table(runs: list[Run], thresholds: list[tuple[str, float]]) -> str:
 
 
 def verdicts(runs: list[Run], thresholds: list[tuple[str, float]]) -> list[str]:
-    """Where a curvature method reaches a threshold in fewer iterations but more seconds than
-    a first-order baseline (or the reverse)."""
+    """Per threshold, the curvature methods that beat the fastest first-order method (in
+    seconds) in iterations but lose to it in time, and those that beat it in time."""
     out = []
-    baselines = [r for r in runs if SETTINGS[r.name].baseline]
+    curvature = [r for r in runs if not SETTINGS[r.name].baseline]
     for label, target in thresholds:
-        for run in (r for r in runs if not SETTINGS[r.name].baseline):
-            hit = first_reach(run, target)
-            if hit is None:
-                continue
-            for base in baselines:
-                ref = first_reach(base, target)
-                if ref is None:
-                    continue
-                t_run, t_ref = run.seconds[hit - 1], base.seconds[ref - 1]
-                if hit < ref and t_run > t_ref:
-                    out.append(
-                        f"{run.name} reaches {label} ({target:.2f}) in fewer iterations than "
-                        f"{base.name} ({hit} vs {ref}) but loses in time ({t_run:.1f} s vs "
-                        f"{t_ref:.1f} s)"
-                    )
-                elif hit > ref and t_run < t_ref:
-                    out.append(
-                        f"{run.name} needs more iterations than {base.name} to reach {label} "
-                        f"({target:.2f}) ({hit} vs {ref}) but wins in time ({t_run:.1f} s vs "
-                        f"{t_ref:.1f} s)"
-                    )
+        reached = [(r.seconds[h - 1], h, r) for r in runs if (h := first_reach(r, target))]
+        fastest = min(((t, h, r) for t, h, r in reached if SETTINGS[r.name].baseline),
+                      default=None, key=lambda x: x[0])  # fmt: skip
+        if fastest is None:
+            continue
+        t_ref, h_ref, ref = fastest
+        mine = [(t, h, r) for t, h, r in reached if r in curvature]
+        fewer = [f"{r.name} ({h} / {t:.1f} s)" for t, h, r in mine if h < h_ref and t > t_ref]
+        faster = [f"{r.name} ({h} / {t:.1f} s)" for t, h, r in mine if t <= t_ref]
+        head = f"{label} ({target:.2f}), fastest first-order: {ref.name} ({h_ref} / {t_ref:.1f} s)"
+        if fewer:
+            out.append(f"{head}: fewer iterations but more time: {', '.join(fewer)}")
+        if faster:
+            out.append(f"{head}: faster in time: {', '.join(faster)}")
     return out
 
 
@@ -400,7 +393,7 @@ def run_demo(args) -> int:
     print(table(runs, thresholds))
     notes = verdicts(runs, thresholds)
     if notes:
-        print("\nIterations against time:")
+        print("\nIterations against time (iterations / seconds to reach each threshold):")
         for note in notes:
             print(f"  {note}")
     os.makedirs(args.out, exist_ok=True)

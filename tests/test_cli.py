@@ -124,16 +124,15 @@ def test_thresholds_and_verdicts():
         ("SGD+momentum final", 10.0),
         ("Adam final", 7.0),
     ]
-    notes = verdicts([kfac, adam, sgd], [("Adam final", 7.0)])
+    notes = verdicts([kfac, adam, sgd], [("Adam final", 7.0), ("low", 0.5)])
     assert notes == [
-        "KFAC reaches Adam final (7.00) in fewer iterations than Adam (2 vs 4) but loses in time "
-        "(2.0 s vs 0.4 s)"
+        "Adam final (7.00), fastest first-order: Adam (4 / 0.4 s): fewer iterations but more "
+        "time: KFAC (2 / 2.0 s)"
     ]
     fast = run("KFAC", [10.0, 10.0, 10.0, 1.0], [0.01, 0.02, 0.03, 0.04])
     slow = run("Adam", [10.0, 4.0, 4.0, 4.0], [1.0, 2.0, 3.0, 4.0])
     assert verdicts([fast, slow], [("x", 7.9)]) == [
-        "KFAC needs more iterations than Adam to reach x (7.90) (4 vs 2) but wins in time "
-        "(0.0 s vs 2.0 s)"
+        "x (7.90), fastest first-order: Adam (2 / 2.0 s): faster in time: KFAC (4 / 0.0 s)"
     ]
 
 
