@@ -9,8 +9,8 @@ on one fixed batch, and the bench prints the mean step time over a window of con
 step timed next to it (the minimum over interleaved repeats), and the peak memory over SGD's.
 With ``--layers`` it adds, for every curvature method, a per-layer breakdown: the refresh flops
 of the cost formula (:meth:`curvlin.blocks.Block.cost`) next to the measured refresh time, and
-the state bytes of the formula (:meth:`~curvlin.blocks.Block.state_shapes`) next to the bytes
-the state holds.
+the state bytes of the formula (:meth:`~curvlin.blocks.Block.state_shapes`: every array a state
+may hold) next to the bytes the state holds (less where inverses are released between refreshes).
 
 A ``module:factory`` is imported and called as ``factory(batch_size)``; it returns
 ``(model, inputs, targets, loss)`` with ``loss`` one of ``"cross_entropy"``, ``"mse"`` and
@@ -241,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in breakdowns.items():
         if not rows:
             continue
-        print(f"\n{name}: per layer (refresh of the cost formula vs measured; state bytes)")
+        print(
+            f"\n{name}: per layer (refresh: the cost formula's flops and one measured refresh; "
+            "state: every array the formula allows, and what the state holds now)"
+        )
         head = (
             f"  {'layer':<12}{'block':<22}{'weight':>12}{'refresh GFLOP':>15}{'refresh ms':>12}"
-            f"{'state MiB formula':>19}{'state MiB held':>16}"
+            f"{'state MiB max':>19}{'state MiB held':>16}"
         )
         print(head)
         for row in rows:

@@ -176,11 +176,11 @@ def test_bench_every_method_with_layer_breakdown(capsys):
     assert "KFAC: per layer" in out
     assert "KFACBlock" in out
     assert "TNTBlock" in out
-    # Formula and held state bytes agree for every block (the last two columns).
-    for line in out.splitlines():
-        if "Block " in line:
-            *_, formula, held = line.split()
-            assert formula == held, line
+    # A state never holds more than its formula allows (the last two columns).
+    blocks = [line.split() for line in out.splitlines() if "Block " in line]
+    assert len(blocks) >= 2 * (len(SETTINGS) - 3)  # two layers (TNT, Shampoo: four tensors)
+    for *_, formula, held in blocks:
+        assert float(held) <= float(formula)
 
 
 def test_bench_rejects_bad_model():
