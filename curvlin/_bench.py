@@ -8,7 +8,8 @@ on one fixed batch, and the bench prints the mean step time over a window of con
 (so the amortised statistics and refresh steps are counted at their share), its ratio to an SGD
 step timed next to it (the minimum over interleaved repeats), and the peak memory over SGD's.
 With ``--layers`` it adds, for every curvature method, a per-layer breakdown: the refresh flops
-of the cost formula (:meth:`curvlin.blocks.Block.cost`) next to the measured refresh time, and
+of the cost formula (:meth:`curvlin.blocks.Block.cost`) next to the measured refresh time, the
+measured time of one layer's preconditioning, and
 the state bytes of the formula (:meth:`~curvlin.blocks.Block.state_shapes`: every array a state
 may hold) next to the bytes the state holds (less where inverses are released between refreshes).
 
@@ -20,6 +21,7 @@ A ``module:factory`` is imported and called as ``factory(batch_size)``; it retur
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import math
@@ -144,8 +146,26 @@ def measure(name, factory, args, device, dtype):
     return trainer, min(times), min(base), peak
 
 
+def _best_ms(fn, cuda: bool, repeat: int) -> float:
+    """Milliseconds of the fastest of ``repeat`` calls of ``fn`` (synchronised on CUDA)."""
+    import torch
+
+    best = math.inf
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
+
+
 def layer_rows(trainer, *, repeat: int = 2):
-    """Per layer: block type, shape, refresh GFLOP (formula) and ms (measured), state bytes."""
+    """Per layer: block type, weight shape, refresh GFLOP (formula) and ms (measured),
+    preconditioning ms (measured on a random gradient; NaN for blocks coupled across layers,
+    which precondition together), and state MiB (the formula's maximum and what is held)."""
     import torch
 
     opt = trainer.opt
@@ -162,18 +182,21 @@ def layer_rows(trainer, *, repeat: int = 2):
         itemsize = arrays[0].element_size() if arrays else weight.element_size()
         formula = sum(math.prod(s) for s in block.state_shapes().values()) * itemsize
         held = sum(a.numel() * a.element_size() for a in arrays)
-        best = math.inf
-        for _ in range(repeat):
-            if trainer.cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            block.refresh(state, damping=damping)
-            if trainer.cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+        refresh = _best_ms(
+            functools.partial(block.refresh, state, damping=damping), trainer.cuda, repeat
+        )
+        precond = math.nan
+        if not block.coupled:  # timing does not depend on the gradient's values
+            ready = curv.driver.current(name, damping=damping)
+            # A parameter unit takes the gradient in its own shape, a layer block as a matrix.
+            shape = weight.shape if curv.units == "parameters" else (block.d_out, block.d_in)
+            g_w = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+            g_b = torch.randn_like(g_w[:, 0]) if block.bias else None
+            call = functools.partial(block.precondition, ready, g_w, g_b)
+            precond = _best_ms(call, trainer.cuda, repeat)
         rows.append(
             (name, type(block).__name__, "×".join(map(str, weight.shape)),
-             block.cost() / 1e9, 1e3 * best, formula / 2**20, held / 2**20)
+             block.cost() / 1e9, refresh, precond, formula / 2**20, held / 2**20)
         )  # fmt: skip
     return rows
 
@@ -243,21 +266,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(
             f"\n{name}: per layer (refresh: the cost formula's flops and one measured refresh; "
+            "precondition: one measured direction, — where all layers are solved together; "
             "state: every array the formula allows, and what the state holds now)"
         )
-        head = (
-            f"  {'layer':<12}{'block':<22}{'weight':>12}{'refresh GFLOP':>15}{'refresh ms':>12}"
-            f"{'state MiB max':>19}{'state MiB held':>16}"
-        )
-        print(head)
-        for row in rows:
-            print(
-                f"  {row[0]:<12}{row[1]:<22}{row[2]:>12}{row[3]:>15.4f}{row[4]:>12.2f}"
-                f"{row[5]:>19.2f}{row[6]:>16.2f}"
-            )
-        total = [sum(r[i] for r in rows) for i in (3, 4, 5, 6)]
         print(
-            f"  {'total':<12}{'':<22}{'':>12}{total[0]:>15.4f}{total[1]:>12.2f}"
-            f"{total[2]:>19.2f}{total[3]:>16.2f}"
+            f"  {'layer':<12}{'block':<20}{'weight':>11}{'refresh GFLOP':>15}{'refresh ms':>12}"
+            f"{'precond ms':>12}{'state MiB max':>15}{'state MiB held':>16}"
         )
+        total = ["total", "", ""] + [sum(r[i] for r in rows) for i in range(3, 8)]
+        for row in [*rows, total]:
+            precond = "—" if math.isnan(row[5]) else f"{row[5]:.2f}"
+            print(
+                f"  {row[0]:<12}{row[1]:<20}{row[2]:>11}{row[3]:>15.4f}{row[4]:>12.2f}"
+                f"{precond:>12}{row[6]:>15.2f}{row[7]:>16.2f}"
+            )
     return 0

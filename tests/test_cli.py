@@ -176,11 +176,14 @@ def test_bench_every_method_with_layer_breakdown(capsys):
     assert "KFAC: per layer" in out
     assert "KFACBlock" in out
     assert "TNTBlock" in out
+    assert "precond ms" in out
     # A state never holds more than its formula allows (the last two columns).
     blocks = [line.split() for line in out.splitlines() if "Block " in line]
     assert len(blocks) >= 2 * (len(SETTINGS) - 3)  # two layers (TNT, Shampoo: four tensors)
-    for *_, formula, held in blocks:
+    for *_, precond, formula, held in blocks:
         assert float(held) <= float(formula)
+        # SMW-NG's kernel blocks are solved together: no per-layer preconditioning time.
+        assert (precond == "—") == (_[1] == "LinearKernelBlock"), _
 
 
 def test_bench_rejects_bad_model():
