@@ -379,6 +379,10 @@ def run_demo(args) -> int:
         f"{args.iterations} iterations per optimizer, {args.dtype} on {args.device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+    # A few untimed SGD steps first, so that torch's one-time set-up (kernels, thread pools,
+    # allocator pools) is not charged to whichever optimizer runs first.
+    train("SGD+momentum", data, test, sizes=sizes, iterations=3, batch_size=batch,
+          seed=args.seed, device=args.device, progress=False)  # fmt: skip
     runs = []
     for name in names:
         print(f"{name}: {SETTINGS[name].kind} {SETTINGS[name].options}")
