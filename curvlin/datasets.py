@@ -1,4 +1,4 @@
-"""Synthetic data sets for demos and tests, generated on the fly (nothing is downloaded).
+"""Data sets for demos and tests: generated on the fly or read from local files (no downloads).
 
 :func:`make_curves` draws CURVES-style images in the spirit of the data set of Hinton &
 Salakhutdinov (2006): every image is a thin, smooth, anti-aliased curve through three random
@@ -7,7 +7,9 @@ low-dimensional manifold (six numbers fix each image), which makes them the clas
 for deep autoencoders such as 784-400-200-100-50-25-6 and for the second-order optimizers that
 train them. :func:`load_curves` returns a train/test split of fixed size and seed.
 :func:`load_digits` returns scikit-learn's small digits set (shipped with scikit-learn, so
-nothing is downloaded either), scaled to [0, 1].
+nothing is downloaded either), scaled to [0, 1]. :func:`load_mnist` reads MNIST from the four
+standard IDX files (optionally gzipped) in a directory the user names, and :func:`read_idx`
+reads any one IDX file; curvlin never downloads them.
 
 The module is pure NumPy; it imports neither torch nor CuPy (nor scikit-learn until
 :func:`load_digits` is called).
@@ -15,13 +17,24 @@ The module is pure NumPy; it imports neither torch nor CuPy (nor scikit-learn un
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 from numbers import Integral, Real
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["CurvesDataset", "load_curves", "load_digits", "make_curves"]
+__all__ = [
+    "MNIST_FILES",
+    "CurvesDataset",
+    "MnistDataset",
+    "load_curves",
+    "load_digits",
+    "load_mnist",
+    "make_curves",
+    "read_idx",
+]
 
 # Images are rendered at most this many at a time, and fewer when one image needs many
 # quadrature points: each Gaussian-weight temporary then holds at most _BUDGET elements.
@@ -260,6 +273,179 @@ def load_digits(*, dtype=np.float32) -> np.ndarray:
     return (_sklearn_digits().data / 16.0).astype(_check_dtype(dtype))
 
 
+#: IDX element types: the third byte of the magic number -> (NumPy big-endian dtype).
+_IDX_TYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+#: The four MNIST files, by role, under their standard names (each may also end in ``.gz``).
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one IDX file (the format of the MNIST distribution), gzipped or not.
+
+    The file is a 4-byte magic number (two zero bytes, the element type, the number of
+    dimensions ``k``), ``k`` big-endian uint32 sizes, then the elements in C order, big-endian.
+    A name ending in ``.gz`` is decompressed first.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    numpy.ndarray
+        Of the file's shape, in the native byte order of its element type (``uint8`` for
+        MNIST's images and labels).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is not IDX (bad magic number or element type), or is truncated or has
+        trailing bytes: the message names the file and the byte counts.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from curvlin.datasets import read_idx
+    >>> path = os.path.join(tempfile.mkdtemp(), "tiny-idx2-ubyte")
+    >>> with open(path, "wb") as f:
+    ...     _ = f.write(bytes([0, 0, 0x08, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6]))
+    >>> read_idx(path)
+    array([[1, 2, 3],
+           [4, 5, 6]], dtype=uint8)
+    """
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"read_idx: cannot read {path!r}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(
+            f"read_idx: {path!r} is not an IDX file (its first bytes {raw[:4].hex()!r} are not "
+            "a magic number 00 00 <type> <ndim>)"
+        )
+    dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: {len(raw)} bytes, shorter than its "
+            f"{header}-byte header"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    want = header + math.prod(shape) * dtype.itemsize
+    if len(raw) != want:
+        what = "truncated" if len(raw) < want else "longer than its header says"
+        raise ValueError(
+            f"read_idx: {path!r} is {what}: {len(raw)} bytes, expected {want} for shape {shape}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+class MnistDataset(NamedTuple):
+    """MNIST as returned by :func:`load_mnist`: images as rows in [0, 1], labels 0–9."""
+
+    train: np.ndarray
+    """Training images, shape (60000, 784)."""
+    test: np.ndarray
+    """Test images, shape (10000, 784)."""
+    train_labels: np.ndarray
+    """Training labels, shape (60000,), int64."""
+    test_labels: np.ndarray
+    """Test labels, shape (10000,), int64."""
+
+
+def _mnist_path(directory: str, role: str) -> str:
+    base = os.path.join(directory, MNIST_FILES[role])
+    for candidate in (base, base + ".gz"):
+        if os.path.isfile(candidate):
+            return candidate
+    listing = "\n".join(f"  {name}[.gz]" for name in MNIST_FILES.values())
+    raise FileNotFoundError(
+        f"load_mnist: no {MNIST_FILES[role]} (nor {MNIST_FILES[role]}.gz) in {directory!r}. "
+        f"curvlin does not download MNIST: put the four standard IDX files, gzipped or not, "
+        f"in that directory under these names:\n{listing}"
+    )
+
+
+def load_mnist(directory, *, dtype=np.float32) -> MnistDataset:
+    """MNIST from the four standard IDX files in ``directory``; nothing is downloaded.
+
+    ``directory`` must hold ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (:data:`MNIST_FILES`), each
+    optionally gzipped (``.gz`` appended, as distributed). Pixel values 0–255 are divided by
+    255 and each image is flattened to a row.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+    dtype : NumPy floating dtype, optional
+        Of the images. Default float32.
+
+    Returns
+    -------
+    MnistDataset
+        ``(train, test, train_labels, test_labels)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``directory`` or a file is missing; the message lists the files to put there.
+    ValueError
+        If a file is not IDX, is truncated, or images and labels disagree in number.
+
+    Examples
+    --------
+    With the files in ``~/data/mnist``: ``load_mnist("~/data/mnist").train.shape`` is
+    ``(60000, 784)``. A directory without them gets a message saying what to put where:
+
+    >>> from curvlin.datasets import load_mnist
+    >>> load_mnist("no-such-directory")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: load_mnist: no directory 'no-such-directory'. curvlin does not ...
+    """
+    work = _check_dtype(dtype, "load_mnist")
+    directory = os.path.expanduser(os.fspath(directory))
+    if not os.path.isdir(directory):
+        listing = ", ".join(f"{name}[.gz]" for name in MNIST_FILES.values())
+        raise FileNotFoundError(
+            f"load_mnist: no directory {directory!r}. curvlin does not download MNIST: put the "
+            f"four standard IDX files ({listing}) in a directory and pass its path"
+        )
+    parts = {role: read_idx(_mnist_path(directory, role)) for role in MNIST_FILES}
+    out = {}
+    for split in ("train", "test"):
+        images, labels = parts[f"{split}_images"], parts[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"load_mnist: {split} images of shape {images.shape} and labels of shape "
+                f"{labels.shape} in {directory!r} do not match (want (n, rows, cols) and (n,))"
+            )
+        out[split] = (images.reshape(images.shape[0], -1) / work.type(255)).astype(work)
+        out[f"{split}_labels"] = labels.astype(np.int64)
+    return MnistDataset(**out)
+
+
 def _render(points, size, sigma, n_quad, work):
     """Images of shape (b, size, size) for control points of shape (b, 3, 2) given as (x, y)."""
     points = points.astype(work)
@@ -305,8 +491,8 @@ def _check_int(value, name, *, minimum, func="make_curves"):
     return int(value)
 
 
-def _check_dtype(dtype):
-    message = f"make_curves: dtype must be a real floating dtype, got {dtype!r}"
+def _check_dtype(dtype, func="make_curves"):
+    message = f"{func}: dtype must be a real floating dtype, got {dtype!r}"
     try:
         dt = np.dtype(dtype)
     except TypeError:

@@ -1,0 +1,167 @@
+"""The optimizers the demo and the bench compare: every curvlin method and three torch baselines.
+
+One table, :data:`SETTINGS`, holds each optimizer's hyperparameters and schedule, so the demo,
+the bench and the docs (``docs/demo.md``) agree on what "KFAC" or "Muon" means. The settings
+of KFAC, K-BFGS, K-BFGS(L), MBF, SMW-NG, Adam and SGD were tuned on the demo's CURVES
+autoencoder (``docs/kfac.md``, ``docs/mbf.md``, ``docs/smw.md``); TNT's and Shampoo's come from
+a short probe on the CURVES problem (40 steps, one run each; ``docs/demo.md``): the digits
+optimum of ``docs/tnt_shampoo.md`` diverges on the summed loss, so TNT takes KFAC-like values
+and Shampoo is grafted onto Adam's step norm; Muon's are the example of
+torch's ``torch.optim.Muon`` documentation (Muon on the 2-D weights, AdamW on the rest).
+Curvature work is amortised the way a user should: statistics and refresh every few steps
+where the method allows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How to build one optimizer for a model: its class's name and keyword arguments."""
+
+    kind: str
+    options: dict = field(default_factory=dict)
+    #: The closure must call ``opt.backward_fisher(output)`` (a sampled Fisher).
+    sampled: bool = False
+    #: A first-order torch baseline (no curvature).
+    baseline: bool = False
+
+
+#: Every optimizer of the demo and the bench, in the order they are run and listed.
+SETTINGS = {
+    "KFAC": Setting(
+        "KFAC",
+        {
+            "lr": 1.0,
+            "damping": 0.3,
+            "momentum": 0.9,
+            "kl_clip": 0.1,
+            "fisher": "mc",
+            "stats_every": 1,
+            "refresh_every": 5,
+        },
+        sampled=True,
+    ),
+    "K-BFGS": Setting("KBFGS", {"lr": 0.01, "damping": 0.3, "momentum": 0.9}),
+    "K-BFGS(L)": Setting("KBFGSL", {"lr": 0.01, "damping": 0.1, "momentum": 0.9}),
+    "MBF": Setting(
+        "MBF",
+        {
+            "lr": 3e-3,
+            "damping": 1e-2,
+            "momentum": 0.9,
+            "kl_clip": 1e-2,
+            "stats_every": 5,
+            "refresh_every": 5,
+        },
+    ),
+    "SMW-NG": Setting(
+        "SMWNG",
+        {
+            "lr": 1.0,
+            "damping": 0.1,
+            "momentum": 0.9,
+            "momentum_form": "direction",
+            "fisher": "empirical",
+        },
+    ),
+    "TNT": Setting(
+        "TNT",
+        {
+            "lr": 1.0,
+            "damping": 1.0,
+            "momentum": 0.9,
+            "kl_clip": 0.1,
+            "fisher": "mc",
+            "stats_every": 1,
+            "refresh_every": 5,
+        },
+        sampled=True,
+    ),
+    "Shampoo": Setting(
+        "Shampoo",
+        {
+            "lr": 3e-4,
+            "damping": 1e-3,
+            "momentum": 0.9,
+            "graft": "adam",
+            "stats_every": 1,
+            "refresh_every": 5,
+        },
+    ),
+    "Adam": Setting("Adam", {"lr": 3e-3}, baseline=True),
+    "Muon": Setting(
+        "Muon",
+        {"muon": {"lr": 0.02, "momentum": 0.95}, "adamw": {"lr": 3e-4, "weight_decay": 0.01}},
+        baseline=True,
+    ),
+    "SGD+momentum": Setting("SGD", {"lr": 3e-3, "momentum": 0.9}, baseline=True),
+}
+
+
+class MuonAdamW:
+    """``torch.optim.Muon`` on the model's 2-D weights and ``torch.optim.AdamW`` on the rest.
+
+    torch's documentation prescribes this split: Muon orthogonalises matrix updates and
+    supports only 2-D parameters; biases (and embeddings) go to a standard method. The two
+    optimizers step together; ``step(closure)`` evaluates the closure once.
+    """
+
+    def __init__(self, model, *, muon: dict, adamw: dict):
+        import torch
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        matrices = [p for p in params if p.ndim == 2]
+        rest = [p for p in params if p.ndim != 2]
+        self.optimizers = [torch.optim.Muon(matrices, **muon)]
+        if rest:
+            self.optimizers.append(torch.optim.AdamW(rest, **adamw))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        import torch
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+
+def build(name: str, model, *, loss: str | None = None, loss_reduction: str = "batchmean"):
+    """The optimizer ``name`` of :data:`SETTINGS` for ``model``.
+
+    ``loss`` (``"bce_with_logits"``, ``"cross_entropy"``, ``"mse"``) and ``loss_reduction``
+    are passed to the methods with a sampled Fisher, which draw labels from the model.
+    """
+    import torch
+
+    from .adapters import torch as curvlin_torch
+
+    setting = SETTINGS[name]
+    options = dict(setting.options)
+    if setting.kind == "Muon":
+        return MuonAdamW(model, **options)
+    if setting.baseline:
+        return getattr(torch.optim, setting.kind)(model.parameters(), **options)
+    if setting.sampled:
+        options.update(loss=loss, loss_reduction=loss_reduction)
+    cls = getattr(curvlin_torch, setting.kind)
+    return cls(model.parameters() if setting.kind in ("TNT", "Shampoo") else model, **options)
+
+
+def parse_names(text: str) -> list[str]:
+    """Comma-separated names of :data:`SETTINGS` (``"all"``: every one), checked."""
+    names = list(SETTINGS) if text.strip() == "all" else [n.strip() for n in text.split(",")]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        raise SystemExit(f"unknown optimizers {unknown}; choose from {list(SETTINGS)} or 'all'")
+    return names
