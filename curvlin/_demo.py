@@ -257,6 +257,8 @@ def verdicts(runs: list[Run], thresholds: list[tuple[str, float]]) -> list[str]:
             out.append(f"{head}: fewer iterations but more time: {', '.join(fewer)}")
         if faster:
             out.append(f"{head}: faster in time: {', '.join(faster)}")
+        if not fewer and not faster:
+            out.append(f"{head}: no curvature method reaches it in fewer iterations")
     return out
 
 

@@ -134,6 +134,11 @@ def test_thresholds_and_verdicts():
     assert verdicts([fast, slow], [("x", 7.9)]) == [
         "x (7.90), fastest first-order: Adam (2 / 2.0 s): faster in time: KFAC (4 / 0.0 s)"
     ]
+    behind = run("KFAC", [10.0] * 3 + [1.0], [1.0, 2.0, 3.0, 4.0])
+    assert verdicts([behind, slow], [("x", 7.9)]) == [
+        "x (7.90), fastest first-order: Adam (2 / 2.0 s): no curvature method reaches it in "
+        "fewer iterations"
+    ]
 
 
 def test_muon_steps_matrices_and_adamw_the_rest():
