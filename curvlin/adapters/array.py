@@ -14,6 +14,7 @@ runs on NumPy in CPU CI is the code that runs on CuPy (:mod:`curvlin.adapters.cu
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -344,31 +345,6 @@ def _kbfgs(
     )
 
 
-def _kbfgsl(
-    layer,
-    *,
-    memory=100,
-    a_update="minibatch",
-    variant=None,
-    mu1=0.2,
-    a_decay=0.9,
-    pair_decay=0.9,
-    skip_threshold=1e-4,
-    lbfgs_method="compact",
-):
-    return _kbfgs(
-        layer,
-        memory=memory,
-        a_update=a_update,
-        variant=variant,
-        mu1=mu1,
-        a_decay=a_decay,
-        pair_decay=pair_decay,
-        skip_threshold=skip_threshold,
-        lbfgs_method=lbfgs_method,
-    )
-
-
 def _diagonal(layer, *, decay=0.95):
     return DiagonalFisherBlock(layer.d_out, layer.matrix_in, bias=layer.bias, decay=decay)
 
@@ -390,7 +366,7 @@ def _mbf(layer, *, decay=0.95, max_block_size=64):
 METHODS: dict[str, Method] = {
     "kfac": Method(_kfac, 1e-2),
     "kbfgs": Method(_kbfgs, 0.3),
-    "kbfgsl": Method(_kbfgsl, 0.3),
+    "kbfgsl": Method(functools.partial(_kbfgs, memory=100), 0.3),  # K-BFGS(L): 100 pairs
     "diagonal": Method(_diagonal, 1e-2),
     "mbf": Method(_mbf, 1e-3),
 }
