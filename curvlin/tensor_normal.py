@@ -37,8 +37,10 @@ from .linalg import spd_inverse, spd_inverse_root
 __all__ = ["mode_covariances", "mode_factorize", "mode_solve", "trace_normalize"]
 
 
-def mode_covariances(x: Array, /, *, batched: bool = False, max_dim: int | None = None):
-    """``X_(i) X_(i)ᵀ`` for every mode ``i`` of a tensor, without unfolding copies.
+def mode_covariances(
+    x: Array, /, *, batched: bool = False, max_dim: int | None = None, scale: float = 1.0
+):
+    """``scale · X_(i) X_(i)ᵀ`` for every mode ``i`` of a tensor, without unfolding copies.
 
     Parameters
     ----------
@@ -50,6 +52,8 @@ def mode_covariances(x: Array, /, *, batched: bool = False, max_dim: int | None 
     max_dim : int, optional
         Modes with ``d_i > max_dim`` get only the diagonal of their covariance, a 1-D array
         ``Σ x²`` over the other axes. None (default): every mode gets its full matrix.
+    scale : float, optional
+        A factor on every covariance, applied inside the Gram products (no extra pass).
 
     Returns
     -------
@@ -61,6 +65,8 @@ def mode_covariances(x: Array, /, *, batched: bool = False, max_dim: int | None 
     ValueError
         If ``x`` has no mode (a 0-d array, or 1-d with ``batched``) or ``max_dim`` is not a
         positive int.
+    TypeError
+        If ``batched`` is not a bool or ``scale`` not a finite real number.
 
     References
     ----------
@@ -87,19 +93,24 @@ def mode_covariances(x: Array, /, *, batched: bool = False, max_dim: int | None 
     if x.ndim - lead < 1:
         want = "(n, d_1, ..., d_k) with k >= 1" if batched else "(d_1, ..., d_k) with k >= 1"
         raise ValueError(f"{func}: x must have shape {want}, got {tuple(x.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise TypeError(f"{func}: scale must be a finite real number, got {scale!r}")
     xp = backend.xp
+    scale = float(scale)
     out = []
     for i in range(lead, x.ndim):
         others = [j for j in range(x.ndim) if j != i]
         d = x.shape[i]
         if max_dim is not None and d > max_dim:
-            out.append(xp.sum(x * x, axis=tuple(others)) if others else x * x)
+            diag = xp.sum(x * x, axis=tuple(others)) if others else x * x
+            out.append(diag if scale == 1.0 else diag * scale)
         elif i == x.ndim - 1:  # rows of a reshape without a copy: a symmetric Gram
-            out.append(backend.gram(xp.reshape(x, (-1, d))))
+            out.append(backend.gram(xp.reshape(x, (-1, d)), scale=scale))
         elif i == 0:
-            out.append(backend.gram(xp.matrix_transpose(xp.reshape(x, (d, -1)))))
+            out.append(backend.gram(xp.matrix_transpose(xp.reshape(x, (d, -1))), scale=scale))
         else:
-            out.append(xp.tensordot(x, x, axes=(others, others)))
+            cov = xp.tensordot(x, x, axes=(others, others))
+            out.append(cov if scale == 1.0 else cov * scale)
     return tuple(out)
 
 

@@ -311,6 +311,20 @@ def test_gram_is_scaled_symmetric_xtx(xp, to_xp, to_np, impl, rng, shape, dtype)
     assert_close(out, 0.25 * (x.T @ x), rtol=rtol, what="gram")
 
 
+@pytest.mark.parametrize("decay", [0.9, 0.0, None], ids=["ema", "replace", "sum"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_ema_in_place_updates_old_only(xp, to_xp, to_np, impl, rng, decay, dtype):
+    old, new = rng.standard_normal((2, 4, 3))
+    ref = old + new if decay is None else decay * old + (1.0 - decay) * new
+    o, n = to_xp(old.copy(), dtype), to_xp(new.copy(), dtype)  # may share the host memory
+    out = impl(o).ema_(o, n, decay)
+    assert out is o
+    assert out.dtype == getattr(xp, dtype)
+    rtol = {"float64": 1e-12, "float32": 1e-6}[dtype]
+    assert_close(o, ref, rtol=rtol, what="ema_")
+    np.testing.assert_array_equal(to_np(n), new.astype(dtype))  # new is untouched
+
+
 def test_gram_of_strided_and_fortran_ordered_arrays(rng):
     x = rng.standard_normal((30, 8))
     for view in (x[:, ::2], x.T.copy().T, x[::3]):

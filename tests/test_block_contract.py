@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from _helpers import dense_kron, reference_pi_dampings
+from array_api_compat import array_namespace
 
 from curvlin import tiled_blocks
 from curvlin.blocks import (
@@ -29,6 +30,8 @@ from curvlin.blocks import (
     LayerBatch,
     MBFBlock,
     Schedule,
+    ShampooBlock,
+    TNTBlock,
     homogeneous_gram,
 )
 
@@ -183,6 +186,48 @@ def test_block_contract(case, bias, dtype, xp, to_xp, to_np, rng):
     state, rebuilt = block.check(state, batch, damping=DAMPING)
     assert rebuilt == ()
     _check_state(block, state, xp, work)
+
+
+_TENSOR_BLOCKS = {
+    "tnt": lambda: TNTBlock((D_OUT, D_IN)),
+    "shampoo-adam": lambda: ShampooBlock((D_OUT, D_IN), graft="adam"),
+    "shampoo-sum": lambda: ShampooBlock((D_OUT, D_IN), decay=None),
+}
+
+
+@pytest.mark.parametrize("name", [c.name for c in BLOCKS] + list(_TENSOR_BLOCKS))
+def test_fold_with_overwrite_equals_fold_and_leaves_the_statistics(name, xp, to_xp, to_np, rng):
+    """What an installing driver calls: the same states, computed into the old arrays."""
+    case = {c.name: c for c in BLOCKS}.get(name)
+    block = case.make(D_OUT, D_IN, True) if case else _TENSOR_BLOCKS[name]()
+    state = block.init(to_xp(np.zeros(1)))
+    batches = []
+    for _ in range(3):
+        x, delta, gw, _ = _data(rng)
+        batches.append(
+            LayerBatch(grad=to_xp(gw), n_examples=ROWS)
+            if case is None
+            else _batch(to_xp, "float64", x, delta, scale=float(ROWS), outputs=delta)
+        )
+    plain = state
+    for batch in batches:
+        stats = block.statistics(state, batch)
+        kept = {k: to_np(v).copy() for k, v in stats.items()}
+        plain = block.fold(plain, stats, damping=DAMPING)
+        state = block.fold(_copied(state), stats, damping=DAMPING, overwrite=True)
+        for k, v in stats.items():
+            np.testing.assert_array_equal(to_np(v), kept[k], err_msg=k)
+    for key, value in plain.arrays().items():
+        np.testing.assert_allclose(
+            to_np(state.arrays()[key]), to_np(value), rtol=1e-12, err_msg=key
+        )
+    assert state.counters() == plain.counters()
+
+
+def _copied(state):
+    """The state on copies of its arrays (the two chains above must not share one)."""
+    arrays = {k: array_namespace(v).asarray(v, copy=True) for k, v in state.arrays().items()}
+    return type(state).from_arrays(arrays, state.counters())
 
 
 @pytest.mark.parametrize("case", BLOCKS, ids=str)

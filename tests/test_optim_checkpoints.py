@@ -55,6 +55,27 @@ def test_resume_is_bit_exact(method, kind, dtype):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
+def test_a_live_state_dict_loaded_elsewhere_shares_no_buffer(method):
+    """Folds update the factors in place: a second optimizer loaded straight from the first's
+    ``state_dict`` (no copy through a file) must own its buffers, so both continue alike."""
+    model, shape = _model("mlp", torch.float64)
+    data = batches(shape, 6)
+    opt = method.make(model)
+    for x, t in data[:3]:
+        method.step(opt, model, x, t)
+    twin, _ = _model("mlp", torch.float64, seed=123)
+    twin.load_state_dict(model.state_dict())
+    opt2 = method.make(twin)
+    opt2.load_state_dict(opt.state_dict())
+    for x, t in data[3:]:
+        method.step(opt, model, x, t)
+        method.step(opt2, twin, x, t)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert_same(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
 def test_half_precision_model_keeps_float32_curvature_through_a_checkpoint(method):
     model = mlp().to(torch.bfloat16)
     opt = method.make(model)

@@ -66,6 +66,17 @@ def test_mode_covariances_are_the_unfolded_grams(dims, dtype, xp, to_xp, to_np, 
         assert_close(c, ref, rtol=tolerance(dtype, n=batch.size), what="batched")
 
 
+def test_mode_covariances_scale_every_mode(xp, to_xp, rng):
+    x = rng.standard_normal((4, 3, 2))
+    got = mode_covariances(to_xp(x), max_dim=3, scale=2.5)
+    full = _mode_moments_numpy(x)
+    for c, ref in zip(got, [np.diag(full[0]), *full[1:]]):
+        assert_close(c, 2.5 * ref, rtol=1e-12, what="scaled mode covariance")
+    for bad in (float("nan"), "2", True):
+        with pytest.raises(TypeError, match="scale"):
+            mode_covariances(to_xp(x), scale=bad)
+
+
 def test_mode_covariances_diagonal_modes(xp, to_xp, to_np, rng):
     x = rng.standard_normal((7, 3, 2))
     full = _mode_moments_numpy(x)

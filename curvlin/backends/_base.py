@@ -94,6 +94,31 @@ class Backend:
         inv = xp.linalg.matrix_transpose(linv) @ linv
         return 0.5 * (inv + xp.linalg.matrix_transpose(inv))  # GEMM rounding is not symmetric
 
+    # -- in-place updates ----------------------------------------------------------------
+    def ema_(self, old: Array, new: Array, decay: float | None, /) -> Array:
+        """``old ← decay · old + (1 − decay) · new`` in place (``decay=None``: ``old += new``).
+
+        Returns ``old``; ``new`` (same shape and dtype) is unchanged. For a running average
+        whose previous value nobody reads again: native backends allocate nothing, the
+        pure-standard version one temporary ``(1 − decay) · new``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlin.backends import get_backend
+        >>> old = np.ones(3)
+        >>> get_backend(old).ema_(old, np.full(3, 3.0), 0.5)
+        array([2., 2., 2.])
+        >>> old
+        array([2., 2., 2.])
+        """
+        if decay is None:
+            old += new
+        else:
+            old *= decay
+            old += (1.0 - decay) * new
+        return old
+
     # -- contractions -------------------------------------------------------------------
     def gram(self, x: Array, /, *, scale: float = 1.0) -> Array:
         """``scale · xᵀx`` for a matrix ``x`` of shape (rows, n): an (n, n) Gram matrix.

@@ -40,6 +40,9 @@ class TorchBackend(Backend):
         product = torch.mm(x.mT, x)  # one GEMM launch on a GPU, mirrored to exact symmetry
         return product.add_(product.mT.clone()).mul_(0.5 * scale)
 
+    def ema_(self, old, new, decay, /):
+        return old.add_(new) if decay is None else old.mul_(decay).add_(new, alpha=1.0 - decay)
+
     def einsum(self, subscripts, /, *operands):
         return self._torch.einsum(subscripts, *operands)
 

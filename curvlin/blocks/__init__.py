@@ -14,6 +14,7 @@ from .base import (
     LayerBatch,
     Rows,
     as_rows,
+    ema,
     homogeneous,
     homogeneous_gram,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "TensorBlock",
     "TensorState",
     "as_rows",
+    "ema",
     "homogeneous",
     "homogeneous_gram",
     "kernel_solve",

@@ -45,6 +45,7 @@ __all__ = [
     "LayerBatch",
     "Rows",
     "as_rows",
+    "ema",
     "homogeneous",
     "homogeneous_gram",
 ]
@@ -178,6 +179,29 @@ def homogeneous_gram(x: Array | Rows, /, *, bias: bool, scale: float = 1.0) -> A
     return out
 
 
+def ema(old: Array, new: Array, decay: float | None, /, *, overwrite: bool = False) -> Array:
+    """``decay · old + (1 − decay) · new``, a factor's running average (``decay=None``: the
+    running sum ``old + new``), in a new array, or with ``overwrite`` written into ``old``.
+
+    What a :meth:`Block.fold` called with ``overwrite=True`` uses: the previous factor is read
+    by nobody again, so no factor-sized array is allocated (:meth:`Backend.ema_
+    <curvlin.backends.Backend.ema_>`). ``new`` is never changed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlin.blocks import ema
+    >>> old = np.zeros(2)
+    >>> ema(old, np.ones(2), 0.9), old
+    (array([0.1, 0.1]), array([0., 0.]))
+    >>> ema(old, np.ones(2), 0.9, overwrite=True) is old, old
+    (True, array([0.1, 0.1]))
+    """
+    if overwrite:
+        return get_backend(old).ema_(old, new, decay)
+    return old + new if decay is None else decay * old + (1.0 - decay) * new
+
+
 class Block:
     """One layer's curvature block: the protocol (see the module docstring).
 
@@ -266,8 +290,15 @@ class Block:
         """This batch's statistics: arrays that are means over examples (ranks average them)."""
         return {}
 
-    def fold(self, state: BlockState, stats: dict[str, Array], /, *, damping) -> BlockState:
-        """Fold one batch's :meth:`statistics` into the state (EMA, warm start)."""
+    def fold(
+        self, state: BlockState, stats: dict[str, Array], /, *, damping, overwrite: bool = False
+    ) -> BlockState:
+        """Fold one batch's :meth:`statistics` into the state (EMA, warm start).
+
+        With ``overwrite`` the caller never reads ``state`` again (the driver installs the
+        result past the step's finiteness verdict), so its arrays may be updated in place
+        (:func:`ema`) instead of allocating new ones; ``stats`` are never changed.
+        """
         return state
 
     def refresh(self, state: BlockState, /, *, damping) -> BlockState:

@@ -32,7 +32,7 @@ from array_api_compat import device as _device
 
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
-from .base import Block, BlockState, LayerBatch, homogeneous
+from .base import Block, BlockState, LayerBatch, ema, homogeneous
 
 __all__ = ["DiagonalFisherBlock", "DiagonalFisherState"]
 
@@ -147,11 +147,14 @@ class DiagonalFisherBlock(Block):
         g = xp.astype(g, state.f.dtype, copy=False)
         return {"f": ((g * g).T @ (a * a)) * (batch.grad_scale**2 / n)}
 
-    def fold(self, state: DiagonalFisherState, stats, /, *, damping=None) -> DiagonalFisherState:
-        """EMA of ``F`` with one batch's ``{"f": F}``; the first batch is taken as is."""
+    def fold(
+        self, state: DiagonalFisherState, stats, /, *, damping=None, overwrite=False
+    ) -> DiagonalFisherState:
+        """EMA of ``F`` with one batch's ``{"f": F}``; the first batch is taken as is
+        (``overwrite``: in place, see :meth:`Block.fold`)."""
         f = get_backend(stats["f"]).xp.astype(stats["f"], state.f.dtype, copy=False)
         if state.updates:  # a host-side counter: no synchronisation
-            f = self.decay * state.f + (1.0 - self.decay) * f
+            f = ema(state.f, f, self.decay, overwrite=overwrite)
         return replace(state, f=f, updates=state.updates + 1)
 
     def refresh(self, state: DiagonalFisherState, /, *, damping) -> DiagonalFisherState:

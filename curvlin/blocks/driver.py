@@ -265,12 +265,16 @@ class Driver:
         each new state replaces the current one as soon as it is made, so that the old
         factors and inverses are freed layer by layer and the step never holds two copies
         of the curvature: for an adapter that has passed the finiteness verdict and will
-        commit whatever happens next (:meth:`commit` still counts the step).
+        commit whatever happens next (:meth:`commit` still counts the step). Installed folds
+        update the factors in place (``Block.fold(..., overwrite=True)``), so arrays read from
+        the states before are overwritten too, as torch's optimizers overwrite their buffers.
         """
         states = self.states if install else dict(self.states)
         for name in list(stats or {}):
             layer_stats = stats.pop(name) if consume else stats[name]
-            states[name] = self.blocks[name].fold(states[name], layer_stats, damping=damping[name])
+            states[name] = self.blocks[name].fold(
+                states[name], layer_stats, damping=damping[name], overwrite=install
+            )
             del layer_stats
         if self.refresh_due():
             for name, block in self.blocks.items():

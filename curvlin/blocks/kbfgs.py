@@ -58,7 +58,7 @@ from ..quasi_newton import (
     lbfgs_init,
     lbfgs_push,
 )
-from .base import Block, BlockState, LayerBatch, Rows, homogeneous, homogeneous_gram
+from .base import Block, BlockState, LayerBatch, Rows, ema, homogeneous, homogeneous_gram
 
 __all__ = ["KBFGSBlock", "KBFGSLBlock", "KBFGSState"]
 
@@ -359,8 +359,11 @@ class KBFGSBlock(Block):
         x = _cast(get_backend(state.h_a).xp, batch.inputs, state.h_a.dtype)
         return {"a": homogeneous_gram(x, bias=self.bias, scale=1.0 / batch.n_examples)}
 
-    def fold(self, state: KBFGSState, stats: dict[str, Array], /, *, damping) -> KBFGSState:
-        """EMA of ``A`` (first batch: ``H_a ← (A + √λ I)⁻¹``); counts the batch."""
+    def fold(
+        self, state: KBFGSState, stats: dict[str, Array], /, *, damping, overwrite=False
+    ) -> KBFGSState:
+        """EMA of ``A`` (first batch: ``H_a ← (A + √λ I)⁻¹``); counts the batch
+        (``overwrite``: in place, see :meth:`Block.fold`)."""
         lam_a = _sqrt_damping(damping, type(self).__name__)
         if "a" not in stats:
             return replace(state, a_updates=state.a_updates + 1)
@@ -369,8 +372,7 @@ class KBFGSBlock(Block):
             h_a = spd_inverse(a_batch, damping=lam_a)
             a = a_batch if self.a_update == "ema" else None
             return replace(state, h_a=h_a, a=a, a_updates=1)
-        beta = self.a_decay
-        a = beta * state.a + (1.0 - beta) * a_batch
+        a = ema(state.a, a_batch, self.a_decay, overwrite=overwrite)
         return replace(state, a=a, a_updates=state.a_updates + 1)
 
     def second_pass(

@@ -33,7 +33,7 @@ from array_api_compat import device as _device
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..kron import KronFactorization, _apply, kron_factorize
-from .base import Block, BlockState, LayerBatch, homogeneous_gram
+from .base import Block, BlockState, LayerBatch, ema, homogeneous_gram
 
 __all__ = ["KFACBlock", "KFACState"]
 
@@ -189,18 +189,20 @@ class KFACBlock(Block):
             "a": homogeneous_gram(_cast(xp, a, dtype), bias=self.bias, scale=1.0 / a.shape[0]),
         }
 
-    def fold(self, state: KFACState, stats: dict[str, Array], /, *, damping=None) -> KFACState:
-        """EMA of the factors with one batch's ``{"g": G, "a": A}``; the first is taken as is."""
+    def fold(
+        self, state: KFACState, stats: dict[str, Array], /, *, damping=None, overwrite=False
+    ) -> KFACState:
+        """EMA of the factors with one batch's ``{"g": G, "a": A}``; the first is taken as is
+        (``overwrite``: in place, see :meth:`Block.fold`)."""
         xp = get_backend(stats["g"]).xp
         g_new = _cast(xp, stats["g"], state.g.dtype)
         a_new = _cast(xp, stats["a"], state.a.dtype)
         if state.updates == 0:  # a host-side counter: no synchronisation
             return replace(state, g=g_new, a=a_new, updates=1)
-        eps = self.decay
         return replace(
             state,
-            g=eps * state.g + (1.0 - eps) * g_new,
-            a=eps * state.a + (1.0 - eps) * a_new,
+            g=ema(state.g, g_new, self.decay, overwrite=overwrite),
+            a=ema(state.a, a_new, self.decay, overwrite=overwrite),
             updates=state.updates + 1,
         )
 

@@ -29,7 +29,7 @@ from array_api_compat import device as _device
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..miniblock import Partition, block_apply, block_inverse, block_statistics
-from .base import Block, BlockState, LayerBatch
+from .base import Block, BlockState, LayerBatch, ema
 
 __all__ = ["MBFBlock", "MBFState"]
 
@@ -175,15 +175,16 @@ class MBFBlock(Block):
         )
         return {f"m{i}": m for i, m in enumerate(stats)}
 
-    def fold(self, state: MBFState, stats, /, *, damping=None) -> MBFState:
-        """EMA of the blocks with one batch's statistics; the first batch is taken as is."""
+    def fold(self, state: MBFState, stats, /, *, damping=None, overwrite=False) -> MBFState:
+        """EMA of the blocks with one batch's statistics; the first batch is taken as is
+        (``overwrite``: in place, see :meth:`Block.fold`)."""
         xp = get_backend(state.blocks[0]).xp
         new = tuple(
             xp.astype(stats[f"m{i}"], old.dtype, copy=False) for i, old in enumerate(state.blocks)
         )
         if state.updates:  # a host-side counter: no synchronisation
             new = tuple(
-                self.decay * old + (1.0 - self.decay) * m for old, m in zip(state.blocks, new)
+                ema(old, m, self.decay, overwrite=overwrite) for old, m in zip(state.blocks, new)
             )
         return replace(state, blocks=new, updates=state.updates + 1)
 

@@ -37,7 +37,7 @@ from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..kron import KronFactorization
 from ..tensor_normal import mode_covariances, mode_factorize, trace_normalize
-from .base import Block, BlockState, LayerBatch
+from .base import Block, BlockState, LayerBatch, ema
 
 __all__ = [
     "CONV_RESHAPES",
@@ -199,6 +199,9 @@ class TensorBlock(Block):
 
     def statistics(self, state: TensorState, batch: LayerBatch, /) -> dict[str, Array]:
         """``{"c0": …}``: the mode covariances of ``batch.grad`` in the state's dtype."""
+        return self._covariances(state, batch)
+
+    def _covariances(self, state: TensorState, batch: LayerBatch, scale: float = 1.0):
         func, g = f"{type(self).__name__}.statistics", batch.grad
         if g is None:
             raise ValueError(f"{func}: the batch needs grad (the parameter's gradient)")
@@ -209,22 +212,19 @@ class TensorBlock(Block):
         ):
             raise ValueError(f"{func}: grad must have shape {self.shape}, got {tuple(g.shape)}")
         g = xp.reshape(xp.astype(g, state.factors[0].dtype, copy=False), self.modes)
-        covs = mode_covariances(g, max_dim=self.max_dim)
+        covs = mode_covariances(g, max_dim=self.max_dim, scale=scale)
         return {f"c{i}": c for i, c in enumerate(covs)}
 
-    def _ema(self, old: Array, new: Array, updates: int) -> Array:
-        """The EMA of a factor (the first batch as is), or the running sum (``decay=None``)."""
-        if not updates:  # a host-side counter: no synchronisation
-            return new
-        if self.decay is None:
-            return old + new
-        return self.decay * old + (1.0 - self.decay) * new
-
-    def fold(self, state: TensorState, stats, /, *, damping=None) -> TensorState:
-        """Fold one batch's mode covariances into the factors (EMA or running sum)."""
-        factors = tuple(
-            self._ema(f, stats[f"c{i}"], state.updates) for i, f in enumerate(state.factors)
-        )
+    def fold(self, state: TensorState, stats, /, *, damping=None, overwrite=False) -> TensorState:
+        """Fold one batch's mode covariances into the factors (EMA or running sum; the first
+        batch as is; ``overwrite``: in place, see :meth:`Block.fold`)."""
+        if state.updates:  # a host-side counter: no synchronisation
+            factors = tuple(
+                ema(f, stats[f"c{i}"], self.decay, overwrite=overwrite)
+                for i, f in enumerate(state.factors)
+            )
+        else:
+            factors = tuple(stats[f"c{i}"] for i in range(len(state.factors)))
         return replace(state, factors=factors, updates=state.updates + 1)
 
     def ready(self, state: TensorState, /) -> bool:
@@ -337,8 +337,7 @@ class TNTBlock(TensorBlock):
         n = batch.n_examples
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"TNTBlock.statistics: n_examples must be a positive int, got {n!r}")
-        stats = super().statistics(state, batch)
-        return stats if n == 1 else {k: c * float(n) for k, c in stats.items()}
+        return self._covariances(state, batch, scale=float(n))
 
     def refresh(self, state: TensorState, /, *, damping) -> TensorState:
         """``(U_i + εI)⁻¹`` for the trace-normalised factors; nothing before any statistics."""
@@ -409,13 +408,13 @@ class ShampooBlock(TensorBlock):
             out["g2"] = xp.reshape(g * g, (1, math.prod(self.shape)))  # not square: probed whole
         return out
 
-    def fold(self, state: TensorState, stats, /, *, damping=None) -> TensorState:
+    def fold(self, state: TensorState, stats, /, *, damping=None, overwrite=False) -> TensorState:
         """The factors as in :class:`TensorBlock`; Adam's ``v`` by an EMA with decay 0.999."""
-        new = super().fold(state, stats, damping=damping)
+        new = super().fold(state, stats, damping=damping, overwrite=overwrite)
         if self.graft != "adam":
             return new
         g2 = get_backend(stats["g2"]).xp.reshape(stats["g2"], self.shape)
-        v = g2 if state.graft is None else 0.999 * state.graft + 0.001 * g2
+        v = g2 if state.graft is None else ema(state.graft, g2, 0.999, overwrite=overwrite)
         return replace(new, graft=v)
 
     def refresh(self, state: TensorState, /, *, damping) -> TensorState:

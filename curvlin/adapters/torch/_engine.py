@@ -11,6 +11,7 @@ A front only says which block each layer gets.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -617,7 +618,9 @@ class Curvature:
                     f"{where}: layer {layer!r}: buffer {key!r} must be a tensor, got "
                     f"{type(value).__name__}"
                 )
-            return value.to(devices[layer])
+            # a copy: folds overwrite the factors in place, and the checkpoint's tensors may
+            # be another optimizer's live state
+            return value.to(devices[layer], copy=True)
 
         states = self.driver.validated(entry.get("driver"), convert)
         if commit is not None:
@@ -1047,13 +1050,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Layer names, buffer names, shapes, dtypes, counters and finiteness are checked, and so
         is the optimizer's own state (one entry per parameter, tensors of the parameter's
-        shape); curvature buffers keep their own dtype.
+        shape); curvature buffers keep their own dtype. Every tensor is copied (torch's own
+        optimizers would alias the checkpoint's), so a ``state_dict`` taken from a live
+        optimizer can be loaded into another and both train on independently.
         """
         where = f"{self._owner}.load_state_dict"
         if not isinstance(state_dict, Mapping) or "curvlin" not in state_dict:
             raise ValueError(f"{where}: not a {self._owner} state_dict (no 'curvlin' entry)")
         check_plain(state_dict, where)
-        rest = {k: v for k, v in state_dict.items() if k != "curvlin"}
+        rest = {k: copy.deepcopy(v) for k, v in state_dict.items() if k != "curvlin"}
         self._check_torch_state(rest, where)
         self._curv.load_state_dict(
             state_dict["curvlin"],
