@@ -1,11 +1,12 @@
 """Layer-input rows seen through the few reductions a block takes of them.
 
 A convolution's rows are its im2col patches, ``k_h·k_w`` times the size of the layer input. A
-block that reads its inputs only through column sums, products with a vector and a Gram
-matrix (K-BFGS) can take a :class:`Rows` instead of the array, and an adapter can then
-compute those reductions without building every patch at once: the torch adapter's
-convolution rows use ``conv2d`` and its weight gradient for the products and build the Gram
-matrix over chunks of examples.
+block that reads its inputs only through column sums, products with a vector, a Gram matrix
+(K-BFGS) and per-example products with output gradients (MBF) can take a :class:`Rows`
+instead of the array, and an adapter can then compute those reductions without building every
+patch at once: the torch adapter's convolution rows use ``conv2d`` and its weight gradient for
+the products (per example: one grouped weight gradient) and build the Gram matrix over chunks
+of examples.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Rows:
     ((3, 2), array([6., 9.]), array([-1., -1., -1.]))
     >>> bool(np.array_equal(rows.gram(), x.T @ x))
     True
+    >>> rows.examples(1, 3, n=3).example_grads(np.ones((2, 1, 1)))  # x_n per example n = 1, 2
+    array([[[2., 3.]],
+    <BLANKLINE>
+           [[4., 5.]]])
     """
 
     def __init__(self, x: Array, /):
@@ -83,6 +88,20 @@ class Rows:
     def gram(self, *, scale: float = 1.0) -> Array:
         """``scale · xᵀx``, shape (d, d), exactly symmetric."""
         return get_backend(self._x).gram(self._x, scale=scale)
+
+    def examples(self, start: int, stop: int, /, *, n: int) -> Rows:
+        """The rows of examples ``start … stop − 1`` of ``n``, each example's ``R / n`` rows
+        contiguous."""
+        t = self.shape[0] // n
+        return Rows(self._x[start * t : stop * t, ...])
+
+    def example_grads(self, delta: Array, /) -> Array:
+        """``γ_n = Σ_t δ_{n,t} x_{n,t}ᵀ`` per example, shape (m, d_out, d), for output
+        gradients ``δ`` of shape (m, T, d_out) on these ``m·T`` rows (each example's ``T``
+        rows contiguous): the per-example gradients of a linear map's weight."""
+        xp = get_backend(self._x).xp
+        m, t, _ = delta.shape
+        return xp.matrix_transpose(delta) @ xp.reshape(self._x, (m, t, self.shape[1]))
 
 
 def as_rows(x: Array | Rows, /) -> Rows:

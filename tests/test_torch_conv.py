@@ -16,6 +16,7 @@ from curvlin.adapters.torch import (
     handler_for,
 )
 from curvlin.adapters.torch._layers import ConvRows
+from curvlin.blocks import Rows
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +92,12 @@ def test_conv_rows_reductions_equal_those_of_the_patches(kwargs):
     torch.testing.assert_close(rows.rmatvec(w), w @ patches, **close)
     torch.testing.assert_close(rows.sum(), patches.sum(0), **close)
     torch.testing.assert_close(rows.gram(scale=0.5), 0.5 * patches.T @ patches, **close)
+    # per-example products of examples 1…3 (one grouped weight gradient) against the patches'
+    t = patches.shape[0] // 5
+    delta = torch.randn(3, t, 4, dtype=torch.float64)
+    want = delta.mT @ patches[t : 4 * t].view(3, t, -1)
+    torch.testing.assert_close(rows.examples(1, 4, n=5).example_grads(delta), want, **close)
+    torch.testing.assert_close(Rows(patches).examples(1, 4, n=5).example_grads(delta), want)
     assert torch.equal(rows.array(), patches)
     single = rows.astype(torch.float32)
     assert single.dtype == torch.float32

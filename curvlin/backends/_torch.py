@@ -29,7 +29,16 @@ class TorchBackend(Backend):
         return self._torch.cholesky_solve(b, factor)
 
     def cholesky_inverse(self, factor, /):
-        return self._torch.cholesky_inverse(factor)  # LAPACK potri: exactly symmetric
+        torch, n = self._torch, factor.shape[-1]
+        if factor.device.type == "cpu" and n <= _SMALL and factor.numel() >= 16 * n * n:
+            # Many small matrices (MBF's blocks): potri runs one matrix at a time, a batched
+            # triangular solve and product do not (4096 9×9 blocks on two cores: 3.8 ms
+            # against 4.8, 160 64×64 blocks: 4.3 against 6.8).
+            eye = torch.eye(n, dtype=factor.dtype, device=factor.device).expand_as(factor)
+            inv_l = torch.linalg.solve_triangular(factor, eye, upper=False)
+            inv = inv_l.mT @ inv_l
+            return inv.add_(inv.mT.clone()).mul_(0.5)  # GEMM rounding is not symmetric
+        return torch.cholesky_inverse(factor)  # LAPACK potri: exactly symmetric
 
     def gram(self, x, /, *, scale=1.0):
         torch = self._torch
@@ -60,6 +69,9 @@ class TorchBackend(Backend):
             x = x.float()
         return np.asarray(x)
 
+
+#: Matrix size up to which a CPU stack of at least 16 is inverted by a batched solve.
+_SMALL = 128
 
 #: Column count below which :func:`_lower_gram` stops splitting (one GEMM is efficient there).
 _GRAM_LEAF = 256

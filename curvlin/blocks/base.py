@@ -248,9 +248,9 @@ class Block:
     #: outlives the hook that sees it. Such a block must also accept full rows.
     row_means: ClassVar[bool] = False
     #: Whether the block reads ``inputs`` only through the reductions of :class:`Rows` (column
-    #: sums, products with a vector, the Gram matrix). Then an adapter may hand a
-    #: :class:`Rows` that never builds the rows whole (a convolution's im2col patches). Such a
-    #: block must also accept the (R, d_in) array.
+    #: sums, products with a vector, the Gram matrix, per-example products). Then an adapter
+    #: may hand a :class:`Rows` that never builds the rows whole (a convolution's im2col
+    #: patches). Such a block must also accept the (R, d_in) array.
     inputs_as_rows: ClassVar[bool] = False
     #: Whether ``outputs`` and ``output_grads`` must be 2-D rows ``(R, d_out)``. A block that
     #: accepts ``(..., d_out)`` arrays with several leading row axes (a convolution's

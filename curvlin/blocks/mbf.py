@@ -29,7 +29,7 @@ from array_api_compat import device as _device
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..miniblock import Partition, block_apply, block_inverse, block_statistics
-from .base import Block, BlockState, LayerBatch, ema
+from .base import Block, BlockState, LayerBatch, Rows, as_rows, ema
 
 __all__ = ["MBFBlock", "MBFState"]
 
@@ -120,6 +120,9 @@ class MBFBlock(Block):
     symmetric_statistics: ClassVar[bool] = True
     #: A convolution's output gradients come as their ``(N, T, c_out)`` view (no copy).
     flat_outputs: ClassVar[bool] = False
+    #: Inputs are read as :class:`~curvlin.blocks.Rows`: a convolution's per-example
+    #: gradients come from its input without building the patches.
+    inputs_as_rows: ClassVar[bool] = True
 
     d_out: int
     d_in: int
@@ -159,7 +162,8 @@ class MBFBlock(Block):
         func, a, g = "MBFBlock.statistics", batch.inputs, batch.output_grads
         if a is None or g is None:
             raise ValueError(f"{func}: the batch needs inputs and output_grads")
-        xp = namespace_of(("inputs", a), ("output_grads", g), func=func).xp
+        like = a.like if isinstance(a, Rows) else a
+        xp = namespace_of(("inputs", like), ("output_grads", g), func=func).xp
         if a.ndim != 2 or a.shape[1] != self.d_in:
             raise ValueError(f"{func}: expected inputs (R, {self.d_in}), got {tuple(a.shape)}")
         n = batch.n_examples
@@ -167,7 +171,7 @@ class MBFBlock(Block):
             raise ValueError(f"{func}: n_examples must be a positive int, got {n!r}")
         examples = n if batch.examples is None else batch.examples
         dtype = state.blocks[0].dtype
-        a = xp.astype(a, dtype, copy=False)
+        a = as_rows(a).astype(dtype)
         g = xp.astype(g, dtype, copy=False)
         weight = batch.grad_scale**2 / n
         stats = block_statistics(

@@ -158,7 +158,8 @@ class Conv2dHandler(LayerHandler):
 class ConvRows(Rows):
     """A convolution's im2col patches ``P`` (R = N·T rows of ``c_in·k_h·k_w``) known through
     the input: ``P v`` is a convolution with one output channel, ``Pᵀw`` the weight gradient
-    of that convolution for the output gradient ``w``, and ``PᵀP`` is summed over chunks of
+    of that convolution for the output gradient ``w``, the per-example gradients one grouped
+    weight gradient (each example its own group), and ``PᵀP`` is summed over chunks of
     examples whose patches take about as much memory as the input.
 
     Parameters
@@ -208,6 +209,21 @@ class ConvRows(Rows):
     def rmatvec(self, w):
         w = w.to(self.x.dtype).view(self.x.shape[0], 1, *self.positions)
         return torch.nn.grad.conv2d_weight(self.x, self.kernel, w, **self.conv).reshape(-1)
+
+    def examples(self, start, stop, /, *, n):
+        return ConvRows(self.handler, self.x[start:stop])
+
+    def example_grads(self, delta):
+        # (m, T, c_out) → (1, m·c_out, H', W'), the input (1, m·c_in, H, W): with m groups
+        # the weight gradient is every example's own, and no patch is built (2-3× faster
+        # than patches and a batched product on a CPU).
+        m, _, c_out = delta.shape
+        c_in = self.x.shape[1]
+        grad = delta.to(self.x.dtype).transpose(1, 2).reshape(1, m * c_out, *self.positions)
+        x = self.x.reshape(1, m * c_in, *self.x.shape[2:])
+        size = (m * c_out, *self.kernel[1:])
+        out = torch.nn.grad.conv2d_weight(x, size, grad, **self.conv, groups=m)
+        return out.view(m, c_out, self._shape[1])
 
     def gram(self, *, scale=1.0):
         # Chunks of examples whose patches take at most the memory of the whole input.

@@ -86,7 +86,7 @@ def sample_output_grad(
     if loss == "bce_with_logits":
         probs = torch.sigmoid(f.float())
         u = torch.rand(probs.shape, generator=generator, device=f.device)
-        targets = (u < probs).to(probs.dtype)
-        return (math.sqrt(c) * (probs - targets)).to(f.dtype)
+        delta = probs.sub_(u.lt_(probs))  # p − 1[u < p], in place: no batch-sized temporaries
+        return (delta if c == 1.0 else delta.mul_(math.sqrt(c))).to(f.dtype)
     noise = torch.randn(f.shape, generator=generator, device=f.device, dtype=torch.float32)
     return (math.sqrt(2.0 * c) * noise).to(f.dtype)
