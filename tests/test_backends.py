@@ -300,7 +300,10 @@ def test_cholesky_solve_and_inverse(xp, to_xp, to_np, impl, rng, batch, k, dtype
     np.testing.assert_array_equal(host, np.swapaxes(host, -1, -2))  # exactly symmetric
 
 
-@pytest.mark.parametrize("shape", [(40, 7), (3, 9), (1, 1)], ids=["tall", "wide", "scalar"])
+# "blocks": more columns than torch's CPU Gram block rows (128), in three of them
+@pytest.mark.parametrize(
+    "shape", [(40, 7), (3, 9), (1, 1), (20, 300)], ids=["tall", "wide", "scalar", "blocks"]
+)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_gram_is_scaled_symmetric_xtx(xp, to_xp, to_np, impl, rng, shape, dtype):
     x = rng.standard_normal(shape)
@@ -326,6 +329,17 @@ def test_ema_in_place_updates_old_only(xp, to_xp, to_np, impl, rng, decay, dtype
     rtol = {"float64": 1e-12, "float32": 1e-6}[dtype]
     assert_close(o, ref, rtol=rtol, what="ema_")
     np.testing.assert_array_equal(to_np(n), new.astype(dtype))  # new is untouched
+
+
+def test_torch_gram_of_views_and_of_tensors_requiring_grad(rng):
+    import torch
+
+    x = torch.from_numpy(rng.standard_normal((300, 20)))
+    for view in (x.mT, x[::2].mT, x.mT.clone().requires_grad_()):
+        out = get_backend(view).gram(view, scale=0.5)
+        assert torch.equal(out, out.mT)
+        torch.testing.assert_close(out, 0.5 * view.mT @ view, rtol=1e-12, atol=1e-12)
+    assert out.requires_grad  # a differentiable product where autograd asks for one
 
 
 def test_gram_of_strided_and_fortran_ordered_arrays(rng):

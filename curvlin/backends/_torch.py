@@ -44,7 +44,7 @@ class TorchBackend(Backend):
         torch = self._torch
         if x.device.type == "cpu":
             out = x.new_empty((x.shape[1], x.shape[1]))
-            _lower_gram(x, out)
+            _lower_gram(torch, x, out)
             return out.mul_(scale)
         product = torch.mm(x.mT, x)  # one GEMM launch on a GPU, mirrored to exact symmetry
         return product.add_(product.mT.clone()).mul_(0.5 * scale)
@@ -73,25 +73,30 @@ class TorchBackend(Backend):
 #: Matrix size up to which a CPU stack of at least 16 is inverted by a batched solve.
 _SMALL = 128
 
-#: Column count below which :func:`_lower_gram` stops splitting (one GEMM is efficient there).
-_GRAM_LEAF = 256
+#: Width of the block rows of :func:`_lower_gram`.
+_GRAM_BLOCK = 128
 
 
-def _lower_gram(x, out) -> None:
-    """``out = xᵀx`` from the lower triangle's blocks: about 0.6 of a GEMM's flops at n = 1000.
+def _lower_gram(torch, x, out) -> None:
+    """``out = xᵀx`` from the block rows of its lower triangle: about 0.56 of a GEMM's flops
+    at n = 1000.
 
-    Torch has no symmetric rank-k update (BLAS ``syrk``); splitting the columns in halves and
-    recursing on the diagonal blocks computes each off-diagonal block once and mirrors it.
-    Measured on one CPU core, 1001 columns and 1000 rows: 14 ms against 21 ms for ``x.T @ x``.
+    Torch has no symmetric rank-k update (BLAS ``syrk``). Each block row of
+    ``_GRAM_BLOCK`` columns, up to and including its diagonal block, is one GEMM written
+    straight into ``out`` (no temporary); the strict lower triangle is then mirrored block by
+    block, and each diagonal block to its own lower half (a GEMM's rounding is not
+    symmetric). Measured on one core, 784 rows and 1000 columns: 9.3 ms against 10.4 for
+    recursive halving and 11.4 for ``x.T @ x``.
     """
-    n = x.shape[1]
-    if n <= _GRAM_LEAF:
-        product = x.mT @ x  # a GEMM, symmetric only up to rounding: mirror its lower half
-        out.copy_(product.tril_().add_(product.tril(-1).mT))
-        return
-    h = n // 2
-    left, right = x[:, :h], x[:, h:]
-    out[h:, :h] = right.mT @ left
-    out[:h, h:] = out[h:, :h].mT
-    _lower_gram(left, out[:h, :h])
-    _lower_gram(right, out[h:, h:])
+    n, b = x.shape[1], _GRAM_BLOCK
+    if torch.is_grad_enabled() and x.requires_grad:  # ``out=`` products are not differentiable
+        out.copy_(x.mT @ x)
+    else:
+        for s in range(0, n, b):
+            e = min(n, s + b)
+            torch.mm(x[:, s:e].mT, x[:, :e], out=out[s:e, :e])
+    for s in range(0, n, b):
+        e = min(n, s + b)
+        out[:s, s:e] = out[s:e, :s].mT
+        diag = out[s:e, s:e]
+        diag.copy_(diag.tril() + diag.tril(-1).mT)
