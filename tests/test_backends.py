@@ -323,11 +323,14 @@ def test_ema_in_place_updates_old_only(xp, to_xp, to_np, impl, rng, decay, dtype
     old, new = rng.standard_normal((2, 4, 3))
     ref = old + new if decay is None else decay * old + (1.0 - decay) * new
     o, n = to_xp(old.copy(), dtype), to_xp(new.copy(), dtype)  # may share the host memory
+    plain = o + n if decay is None else decay * o + (1.0 - decay) * n  # the library's own
     out = impl(o).ema_(o, n, decay)
     assert out is o
     assert out.dtype == getattr(xp, dtype)
     rtol = {"float64": 1e-12, "float32": 1e-6}[dtype]
     assert_close(o, ref, rtol=rtol, what="ema_")
+    # the same bits as the out-of-place EMA (a fused update rounds otherwise)
+    np.testing.assert_array_equal(to_np(o), to_np(plain))
     np.testing.assert_array_equal(to_np(n), new.astype(dtype))  # new is untouched
 
 

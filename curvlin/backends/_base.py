@@ -99,8 +99,8 @@ class Backend:
         """``old ← decay · old + (1 − decay) · new`` in place (``decay=None``: ``old += new``).
 
         Returns ``old``; ``new`` (same shape and dtype) is unchanged. For a running average
-        whose previous value nobody reads again: native backends allocate nothing, the
-        pure-standard version one temporary ``(1 − decay) · new``.
+        whose previous value nobody reads again: one temporary ``(1 − decay) · new`` instead of
+        three new arrays, and the same bits as ``decay · old + (1 − decay) · new``.
 
         Examples
         --------

@@ -50,7 +50,11 @@ class TorchBackend(Backend):
         return product.add_(product.mT.clone()).mul_(0.5 * scale)
 
     def ema_(self, old, new, decay, /):
-        return old.add_(new) if decay is None else old.mul_(decay).add_(new, alpha=1.0 - decay)
+        if decay is None:
+            return old.add_(new)
+        # (1 − decay)·new rounded on its own, as the out-of-place EMA rounds it: the fused
+        # add_(new, alpha=1 − decay) rounds otherwise, which tipped the demo's TNT into NaN
+        return old.mul_(decay).add_(new * (1.0 - decay))
 
     def einsum(self, subscripts, /, *operands):
         return self._torch.einsum(subscripts, *operands)

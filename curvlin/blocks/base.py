@@ -184,8 +184,9 @@ def ema(old: Array, new: Array, decay: float | None, /, *, overwrite: bool = Fal
     running sum ``old + new``), in a new array, or with ``overwrite`` written into ``old``.
 
     What a :meth:`Block.fold` called with ``overwrite=True`` uses: the previous factor is read
-    by nobody again, so no factor-sized array is allocated (:meth:`Backend.ema_
-    <curvlin.backends.Backend.ema_>`). ``new`` is never changed.
+    by nobody again, so the result needs one temporary instead of three new arrays
+    (:meth:`Backend.ema_ <curvlin.backends.Backend.ema_>`), with the same bits. ``new`` is
+    never changed.
 
     Examples
     --------
