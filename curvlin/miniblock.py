@@ -419,8 +419,7 @@ def _split_statistics(xp, partition: Partition, grads: Array, bias_grads: Array,
             if joined is None:
                 joined = xp.concat([grads, bias_grads[:, :, None]], axis=2)
             x = _gather(xp, g, joined, d_out, d_w + 1)
-        x = xp.permute_dims(x, (1, 2, 0))  # (B, b, N): one product per block
-        out.append((x @ xp.matrix_transpose(x)) * w)
+        out.append(_block_grams(xp, x, w))
     return tuple(out)
 
 
@@ -497,9 +496,14 @@ def gradient_statistics(
     out = []
     for g in partition.groups:
         x = _gather(xp, g, grads, d_out, d_a)  # (N, B, b)
-        x = xp.permute_dims(x, (1, 2, 0))  # (B, b, N): one product per block
-        out.append((x @ xp.matrix_transpose(x)) * w)
+        out.append(_block_grams(xp, x, w))
     return tuple(out)
+
+
+def _block_grams(xp, x: Array, w: float) -> Array:
+    """``w Σ_n x_n[β] x_n[β]ᵀ`` for ``x`` of shape (N, B, b): one batched product, (B, b, b)."""
+    x = xp.permute_dims(x, (1, 2, 0))  # (B, b, N): one product per block
+    return (x @ xp.matrix_transpose(x)) * w
 
 
 def _gather(xp, group: BlockGroup, values: Array, d_out: int, d_a: int) -> Array:
