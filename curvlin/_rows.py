@@ -104,6 +104,12 @@ class Rows:
         return xp.matrix_transpose(delta) @ xp.reshape(self._x, (m, t, self.shape[1]))
 
 
+def like_of(x: Array | Rows, /) -> Array:
+    """An array of ``x``'s library, device and dtype: ``x`` itself, or a :class:`Rows`'
+    :attr:`Rows.like` (for namespace checks and finiteness probes)."""
+    return x.like if isinstance(x, Rows) else x
+
+
 def as_rows(x: Array | Rows, /) -> Rows:
     """``x`` itself if it is a :class:`Rows`, else the (R, d) array ``x`` as one."""
     return x if isinstance(x, Rows) else Rows(x)

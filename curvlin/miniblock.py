@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from array_api_compat import device as _device
 
-from ._rows import Rows, as_rows
+from ._rows import as_rows, like_of
 from ._validation import check_damping, namespace_of
 from .backends import Array
 from .linalg import spd_inverse
@@ -284,8 +284,7 @@ def tiled_blocks(d_out: int, d_in: int, *, bias: bool = True, max_size: int = 64
 def _check_rows(partition, inputs, output_grads, examples, func, *, bias=False):
     if not isinstance(partition, Partition):
         raise TypeError(f"{func}: partition must be a Partition, got {type(partition).__name__}")
-    like = inputs.like if isinstance(inputs, Rows) else inputs
-    backend = namespace_of(("inputs", like), ("output_grads", output_grads), func=func)
+    backend = namespace_of(("inputs", like_of(inputs)), ("output_grads", output_grads), func=func)
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise ValueError(f"{func}: examples must be a positive int, got {examples!r}")
     d_out, d_a = partition.d_out, partition.d_a

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 from array_api_compat import device as _device
 
-from ._rows import Rows
+from ._rows import Rows, like_of
 from ._validation import check_square, namespace_of
 from .backends import Array, Backend, get_backend
 
@@ -877,7 +877,7 @@ def hessian_action_update_minibatch(
     True
     """
     func = "hessian_action_update_minibatch"
-    given = x.like if isinstance(x, Rows) else x
+    given = like_of(x)
     backend = namespace_of(("h_a", h_a), ("x", given), ("u", u), func=func)
     d = check_square(h_a, "h_a", func, stacked=False)
     if not isinstance(homogeneous, bool):

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 from array_api_compat import device as _device
 
-from .._rows import Rows, as_rows
+from .._rows import Rows, as_rows, like_of
 from ..backends import Array, get_backend
 
 __all__ = [
@@ -103,7 +103,7 @@ class LayerBatch:
 
     def arrays(self) -> list[Array]:
         """The arrays that are set (for a finiteness check)."""
-        inputs = self.inputs.like if isinstance(self.inputs, Rows) else self.inputs
+        inputs = None if self.inputs is None else like_of(self.inputs)
         items = (inputs, self.outputs, self.output_grads, self.grad)
         return [a for a in items if a is not None]
 

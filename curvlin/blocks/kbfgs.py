@@ -45,6 +45,7 @@ from typing import ClassVar
 
 from array_api_compat import device as _device
 
+from .._rows import like_of
 from .._validation import namespace_of
 from ..backends import Array, get_backend
 from ..linalg import spd_inverse
@@ -302,8 +303,7 @@ class KBFGSBlock(Block):
         return homogeneous(x, bias=self.bias)
 
     def _check_rows(self, x: Array | Rows, /, method: str) -> None:
-        given = x.like if isinstance(x, Rows) else x
-        namespace_of(("x", given), func=f"{type(self).__name__}.{method}")
+        namespace_of(("x", like_of(x)), func=f"{type(self).__name__}.{method}")
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(
                 f"{type(self).__name__}: x must have shape (R, {self.d_in}), got {tuple(x.shape)}"

@@ -26,10 +26,11 @@ from typing import ClassVar
 
 from array_api_compat import device as _device
 
+from .._rows import like_of
 from .._validation import check_damping, namespace_of
 from ..backends import Array, get_backend
 from ..miniblock import Partition, block_apply, block_inverse, block_statistics
-from .base import Block, BlockState, LayerBatch, Rows, as_rows, ema
+from .base import Block, BlockState, LayerBatch, as_rows, ema
 
 __all__ = ["MBFBlock", "MBFState"]
 
@@ -162,8 +163,7 @@ class MBFBlock(Block):
         func, a, g = "MBFBlock.statistics", batch.inputs, batch.output_grads
         if a is None or g is None:
             raise ValueError(f"{func}: the batch needs inputs and output_grads")
-        like = a.like if isinstance(a, Rows) else a
-        xp = namespace_of(("inputs", like), ("output_grads", g), func=func).xp
+        xp = namespace_of(("inputs", like_of(a)), ("output_grads", g), func=func).xp
         if a.ndim != 2 or a.shape[1] != self.d_in:
             raise ValueError(f"{func}: expected inputs (R, {self.d_in}), got {tuple(a.shape)}")
         n = batch.n_examples
