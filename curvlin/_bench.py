@@ -7,11 +7,14 @@ mirror on random images with binary cross-entropy; ``cnn``, a small CIFAR-like n
 on one fixed batch, and the bench prints the mean step time over a window of consecutive steps
 (so the amortised statistics and refresh steps are counted at their share), its ratio to an SGD
 step timed next to it (the minimum over interleaved repeats), and the peak memory over SGD's.
-With ``--layers`` it adds, for every curvature method, a per-layer breakdown: the refresh flops
-of the cost formula (:meth:`curvlin.blocks.Block.cost`) next to the measured refresh time, the
-measured time of one layer's preconditioning, and
-the state bytes of the formula (:meth:`~curvlin.blocks.Block.state_shapes`: every array a state
-may hold) next to the bytes the state holds (less where inverses are released between refreshes).
+With ``--layers`` it adds, for every curvature method, a per-layer breakdown: the flops of the
+cost formulas (:meth:`~curvlin.blocks.Block.statistics_flops` on the step's rows,
+:meth:`~curvlin.blocks.Block.refresh_flops`, :meth:`~curvlin.blocks.Block.precondition_flops`)
+next to the measured time of one statistics-and-fold on a captured batch (for SMW's coupled
+blocks, the kernel and one
+``J·v`` and ``Jᵀ·u``), one refresh and one direction, and the state bytes of the formula
+(:meth:`~curvlin.blocks.Block.state_shapes`: every array a state may hold) next to the bytes the
+state holds (less where inverses are released between refreshes).
 
 A ``module:factory`` is imported and called as ``factory(batch_size)``; it returns
 ``(model, inputs, targets, loss)`` with ``loss`` one of ``"cross_entropy"``, ``"mse"`` and
@@ -162,9 +165,55 @@ def _best_ms(fn, cuda: bool, repeat: int) -> float:
     return 1e3 * best
 
 
+def statistics_times(trainer, *, repeat: int = 2, max_steps: int = 100) -> dict:
+    """Per layer, ``(GFLOP of the formula, ms)`` of one statistics-and-fold on the batch of
+    the next statistics step (the trainer steps until one comes; a coupled block: its kernel,
+    one ``J·v`` and one ``Jᵀ·u``).
+    """
+    import torch
+
+    driver = trainer.opt._curv.driver
+    found = {}
+
+    def timed(batches):
+        batches = dict(batches.items())  # a lazy mapping builds each batch once
+        for name, batch in batches.items():
+            block, state = driver.blocks[name], driver.states[name]
+            rows = 0 if batch.inputs is None else batch.inputs.shape[0]
+            examples = batch.n_examples if batch.examples is None else batch.examples
+            if block.coupled:
+                v = torch.randn(
+                    block.d_out, block.d_a, dtype=trainer.x.dtype, device=trainer.x.device
+                )
+
+                def call(block=block, batch=batch, v=v):
+                    terms = block.terms(batch)
+                    return terms.kernel(), terms.vjp(terms.jvp(v))
+
+            else:
+
+                def call(block=block, state=state, batch=batch):
+                    return block.fold(state, block.statistics(state, batch), damping=1.0)
+
+            flops = block.statistics_flops(rows, examples)
+            found[name] = (flops / 1e9, _best_ms(call, trainer.cuda, repeat))
+        return original(batches)
+
+    original = driver.statistics
+    driver.statistics = timed  # this instance only, for the steps below
+    try:
+        for _ in range(max_steps):
+            trainer.step()
+            if found:
+                break
+    finally:
+        del driver.statistics
+    return found
+
+
 def layer_rows(trainer, *, repeat: int = 2):
-    """Per layer: block type, weight shape, refresh GFLOP (formula) and ms (measured),
-    preconditioning ms (measured on a random gradient; NaN for blocks coupled across layers,
+    """Per layer: block type, weight shape, GFLOP (formula) and ms (measured) of statistics,
+    refresh and preconditioning (on a random gradient; NaN for blocks coupled across layers,
     which precondition together), and state MiB (the formula's maximum and what is held)."""
     import torch
 
@@ -172,6 +221,7 @@ def layer_rows(trainer, *, repeat: int = 2):
     curv = getattr(opt, "_curv", None)
     if curv is None:
         return []
+    stats = statistics_times(trainer, repeat=repeat)
     rows = []
     for name in opt.layer_names:
         block, state = curv.driver.blocks[name], curv.driver.states[name]
@@ -196,7 +246,9 @@ def layer_rows(trainer, *, repeat: int = 2):
             precond = _best_ms(call, trainer.cuda, repeat)
         rows.append(
             (name, type(block).__name__, "×".join(map(str, weight.shape)),
-             block.cost() / 1e9, refresh, precond, formula / 2**20, held / 2**20)
+             *stats.get(name, (math.nan, math.nan)),
+             block.refresh_flops() / 1e9, refresh, block.precondition_flops() / 1e9, precond,
+             formula / 2**20, held / 2**20)
         )  # fmt: skip
     return rows
 
@@ -265,19 +317,25 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             continue
         print(
-            f"\n{name}: per layer (refresh: the cost formula's flops and one measured refresh; "
-            "precondition: one measured direction, — where all layers are solved together; "
-            "state: every array the formula allows, and what the state holds now)"
+            f"\n{name}: per layer, GFLOP of the cost formulas and ms measured (statistics: "
+            "one statistics-and-fold on a captured batch, for SMW the kernel, J·v and Jᵀ·u; "
+            "refresh: one; "
+            "precond: one direction, — where all layers are solved together); state: every "
+            "array the formula allows, and what the state holds now"
         )
+        heads = ("stats GFLOP", "ms", "refresh GFLOP", "ms", "precond GFLOP", "ms")
         print(
-            f"  {'layer':<12}{'block':<20}{'weight':>11}{'refresh GFLOP':>15}{'refresh ms':>12}"
-            f"{'precond ms':>12}{'state MiB max':>15}{'state MiB held':>16}"
+            f"  {'layer':<12}{'block':<20}{'weight':>11}"
+            + "".join(f"{h:>{15 if 'GFLOP' in h else 9}}" for h in heads)
+            + f"{'state MiB max':>15}{'held':>9}"
         )
-        total = ["total", "", ""] + [sum(r[i] for r in rows) for i in range(3, 8)]
+        total = ["total", "", ""] + [math.fsum(r[i] for r in rows) for i in range(3, 11)]
         for row in [*rows, total]:
-            precond = "—" if math.isnan(row[5]) else f"{row[5]:.2f}"
-            print(
-                f"  {row[0]:<12}{row[1]:<20}{row[2]:>11}{row[3]:>15.4f}{row[4]:>12.2f}"
-                f"{precond:>12}{row[6]:>15.2f}{row[7]:>16.2f}"
+            cells = "".join(
+                f"{v:>15.4g}"
+                if i % 2 == 0
+                else ("{:>9}".format("—") if math.isnan(v) else f"{v:>9.2f}")
+                for i, v in enumerate(row[3:9])
             )
+            print(f"  {row[0]:<12}{row[1]:<20}{row[2]:>11}{cells}{row[9]:>15.2f}{row[10]:>9.2f}")
     return 0

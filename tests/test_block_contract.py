@@ -28,6 +28,7 @@ from curvlin.blocks import (
     KBFGSLBlock,
     KFACBlock,
     LayerBatch,
+    LinearKernelBlock,
     MBFBlock,
     Schedule,
     ShampooBlock,
@@ -324,3 +325,28 @@ def test_homogeneous_gram_is_the_gram_of_the_concatenated_rows(bias, xp, to_xp, 
     got = to_np(homogeneous_gram(to_xp(x), bias=bias, scale=0.25))
     np.testing.assert_allclose(got, 0.25 * xb.T @ xb, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got, got.T)
+
+
+_FORMULA_BLOCKS = {c.name: (lambda c=c: c.make(D_OUT, D_IN, True)) for c in BLOCKS}
+_FORMULA_BLOCKS |= _TENSOR_BLOCKS | {"kernel": lambda: LinearKernelBlock(D_OUT, D_IN)}
+#: Blocks whose statistics do not read the rows: a parameter's gradient, or (K-BFGS's
+#: minibatch variant) no statistics after the first batch.
+_ROW_FREE = {"tnt", "shampoo-adam", "shampoo-sum", "kbfgs-minibatch", "kbfgsl"}
+
+
+@pytest.mark.parametrize("name", list(_FORMULA_BLOCKS))
+def test_cost_formulas_are_flops_and_the_statistics_grow_with_the_rows(name):
+    """What the bench and the distributor read: finite, non-negative float flops."""
+    block = _FORMULA_BLOCKS[name]()
+    small = block.statistics_flops(ROWS, ROWS)
+    large = block.statistics_flops(2 * ROWS, 2 * ROWS)
+    for value in (small, large, block.refresh_flops(), block.precondition_flops()):
+        assert isinstance(value, float), value
+        assert math.isfinite(value), value
+        assert value >= 0, value
+    assert (large > small) == (name not in _ROW_FREE), (small, large)
+    if name == "kfac":
+        d_a = D_IN + 1
+        assert small == ROWS * (D_OUT**2 + d_a**2)
+        assert block.refresh_flops() == D_OUT**3 + d_a**3
+        assert block.precondition_flops() == 2 * D_OUT * d_a * (D_OUT + d_a)

@@ -181,14 +181,22 @@ def test_bench_every_method_with_layer_breakdown(capsys):
     assert "KFAC: per layer" in out
     assert "KFACBlock" in out
     assert "TNTBlock" in out
-    assert "precond ms" in out
-    # A state never holds more than its formula allows (the last two columns).
+    assert "stats GFLOP" in out
+    assert "precond GFLOP" in out
+    # KFAC's statistics formula on the first layer's rows: R·(d_out² + d_a²), 16 rows of 6 + 1.
+    kfac = out[out.index("KFAC: per layer") :].splitlines()
+    assert float(kfac[2].split()[3]) == pytest.approx(16 * (8**2 + 7**2) / 1e9, rel=1e-3)
     blocks = [line.split() for line in out.splitlines() if "Block " in line]
     assert len(blocks) >= 2 * (len(SETTINGS) - 3)  # two layers (TNT, Shampoo: four tensors)
-    for *_, precond, formula, held in blocks:
-        assert float(held) <= float(formula)
+    for row in blocks:
+        _, block, _, stats, stats_ms, refresh, refresh_ms, precond, precond_ms = row[:9]
+        assert min(float(stats), float(refresh), float(precond)) >= 0, row
+        assert float(stats_ms) >= 0, row  # every layer was timed
+        assert float(refresh_ms) >= 0, row
+        # A state never holds more than its formula allows (the last two columns).
+        assert float(row[-1]) <= float(row[-2]), row
         # SMW-NG's kernel blocks are solved together: no per-layer preconditioning time.
-        assert (precond == "—") == (_[1] == "LinearKernelBlock"), _
+        assert (precond_ms == "—") == (block == "LinearKernelBlock"), row
 
 
 def test_bench_rejects_bad_model():

@@ -153,7 +153,8 @@ def test_state_round_trip_and_shapes(xp, to_xp, rng):
     assert again.updates == 1
     shapes = block.state_shapes()
     assert all(tuple(v.shape) == shapes[k] for k, v in state.arrays().items())
-    assert block.cost() == 9.0
+    assert (block.refresh_flops(), block.precondition_flops()) == (9.0, 9.0)
+    assert block.statistics_flops(4, 4) == 2.0 * 4 * 3 * 3
 
 
 def test_block_refuses_bad_arguments(xp, to_xp):

@@ -338,9 +338,20 @@ class Block:
         """Test the state and rebuild what rounding has spoiled; returns the names rebuilt."""
         return state, ()
 
-    def cost(self) -> float:
-        """Estimated flops of one :meth:`refresh` (to balance work across ranks)."""
-        return float(self.d_out**3 + self.d_a**3)
+    # -- cost formulas (leading terms, in flops: a multiply-add counts 2) ------------------
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """Flops of one :meth:`statistics` (and fold) on ``rows`` rows from ``examples``
+        examples; by default none."""
+        return 0.0
+
+    def refresh_flops(self) -> float:
+        """Flops of one :meth:`refresh`; by default none."""
+        return 0.0
+
+    def precondition_flops(self) -> float:
+        """Flops of one direction; by default the two-sided product ``L ∇W̄ R`` of a
+        ``(d_out, d_out)`` and a ``(d_a, d_a)`` factor, ``2·d_out·d_a·(d_out + d_a)``."""
+        return 2.0 * self.d_out * self.d_a * (self.d_out + self.d_a)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every array a state may hold, by :meth:`BlockState.arrays` name."""

@@ -177,8 +177,16 @@ class DiagonalFisherBlock(Block):
     def _precondition(self, state: DiagonalFisherState, grad: Array, /) -> Array:
         return grad * state.inverse
 
-    def cost(self) -> float:
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """The product ``(δ∘δ)ᵀ(ā∘ā)``, ``2·R·d_out·d_a``."""
+        return 2.0 * rows * self.d_out * self.d_a
+
+    def refresh_flops(self) -> float:
         """One elementwise pass over ``F``."""
+        return float(self.d_out * self.d_a)
+
+    def precondition_flops(self) -> float:
+        """One elementwise product."""
         return float(self.d_out * self.d_a)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:

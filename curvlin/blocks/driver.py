@@ -54,7 +54,7 @@ class Distributor:
     world: int = 1
 
     def assign(self, blocks: Mapping[str, Block], /) -> None:
-        """Learn the layers (e.g. to give each an owning rank by :meth:`Block.cost`)."""
+        """Learn the layers (e.g. to give each an owning rank by its cost formulas)."""
 
     def refreshes(self, name: str, /) -> bool:
         """Whether this rank refreshes layer ``name`` (its owner does)."""

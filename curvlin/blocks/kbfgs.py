@@ -640,6 +640,19 @@ class KBFGSBlock(Block):
         """The factors' dtype."""
         return state.h_a.dtype
 
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """The Gram matrix ``A``, ``R·d_a²`` (none in the minibatch variant, whose second pass
+        applies the rows instead, ``4·R·d_a``; the ``H_a`` and ``H_g`` updates of the second
+        pass add ``O(d_a² + d_out²)``)."""
+        return float(rows * self.d_a**2) if self.a_update == "ema" else 0.0
+
+    def precondition_flops(self) -> float:
+        """``H_g M H_a``: two GEMMs; with an L-BFGS ``H_g`` of ``p`` pairs, ``8·p·d_out·d_a``
+        for its side."""
+        if not self.memory:
+            return super().precondition_flops()
+        return 8.0 * self.memory * self.d_out * self.d_a + 2.0 * self.d_out * self.d_a**2
+
 
 @dataclass(frozen=True)
 class KBFGSLBlock(KBFGSBlock):

@@ -79,8 +79,14 @@ class KernelBlock(Block):
         """No arrays."""
         return {}
 
-    def cost(self) -> float:
-        """Nothing is refreshed."""
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """The layer's share of the coupled solve, all of it read from the batch: the kernel
+        ``(X̄X̄ᵀ)∘(ΔΔᵀ)``, ``R²·(d_a + d_out)``, and one ``J·v`` and one ``Jᵀ·u``,
+        ``4·R·d_out·d_a`` (``R = m·k`` rows with ``k`` output directions)."""
+        return float(rows**2 * (self.d_a + self.d_out) + 4 * rows * self.d_out * self.d_a)
+
+    def precondition_flops(self) -> float:
+        """None apart from the solve counted in :meth:`statistics_flops`."""
         return 0.0
 
     def terms(self, batch: LayerBatch, /) -> LinearTerms:

@@ -232,6 +232,18 @@ class KFACBlock(Block):
         """The factors' dtype."""
         return state.g.dtype
 
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """Two Gram matrices of the rows, ``R·(d_out² + d_a²)`` (symmetric halves)."""
+        return float(rows * (self.d_out**2 + self.d_a**2))
+
+    def refresh_flops(self) -> float:
+        """A Cholesky inverse per factor, ``d³`` each; exact: an eigendecomposition, ``9·d³``."""
+        return (9.0 if self.exact else 1.0) * (self.d_out**3 + self.d_a**3)
+
+    def precondition_flops(self) -> float:
+        """The two-sided product; exact: into the eigenbases and back (twice as many)."""
+        return (2.0 if self.exact else 1.0) * super().precondition_flops()
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of every array a :class:`KFACState` of this block may hold."""
         go, ga = (self.d_out, self.d_out), (self.d_a, self.d_a)

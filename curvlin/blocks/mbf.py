@@ -212,9 +212,19 @@ class MBFBlock(Block):
     def _precondition(self, state: MBFState, grad: Array, /) -> Array:
         return block_apply(self.partition, state.inverses, grad)
 
-    def cost(self) -> float:
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """Per-example gradients, ``2·R·d_out·d_a``, and each block's Gram matrix over the
+        ``N`` examples, ``N·Σ_β b²``."""
+        squares = sum(g.count * g.size**2 for g in self.partition.groups)
+        return 2.0 * rows * self.d_out * self.d_a + examples * squares
+
+    def refresh_flops(self) -> float:
         """One Cholesky and one triangular inverse per block: ``Σ_β b³``."""
         return float(sum(g.count * g.size**3 for g in self.partition.groups))
+
+    def precondition_flops(self) -> float:
+        """One matrix-vector product per block: ``2·Σ_β b²``."""
+        return 2.0 * sum(g.count * g.size**2 for g in self.partition.groups)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """``m{i}`` and ``inv{i}`` have group ``i``'s ``(B, b, b)`` shape."""

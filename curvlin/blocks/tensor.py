@@ -260,9 +260,24 @@ class TensorBlock(Block):
         """The mode products with the refreshed inverses (or roots), on ``grad`` in ``modes``."""
         return KronFactorization(inverses=state.inverses).solve(grad)
 
-    def cost(self) -> float:
-        """Flops of a refresh: ``Σ d_i³`` over the full modes."""
+    def statistics_flops(self, rows: int, examples: int, /) -> float:
+        """A Gram matrix per full mode, ``P·d_i`` (``P`` the parameter's size), ``2·P`` per
+        diagonal mode."""
+        size = math.prod(self.modes)
+        return float(
+            sum(2 * size if self.diagonal(i) else size * d for i, d in enumerate(self.modes))
+        )
+
+    def refresh_flops(self) -> float:
+        """One inverse per full mode, ``Σ d_i³``."""
         return float(sum(d**3 for i, d in enumerate(self.modes) if not self.diagonal(i)))
+
+    def precondition_flops(self) -> float:
+        """One mode product per mode: ``2·P·d_i`` for a full mode, ``P`` for a diagonal one."""
+        size = math.prod(self.modes)
+        return float(
+            sum(size if self.diagonal(i) else 2 * size * d for i, d in enumerate(self.modes))
+        )
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """``f{i}`` and ``inv{i}`` per mode."""
@@ -435,6 +450,11 @@ class ShampooBlock(TensorBlock):
         norm_d = xp.linalg.vector_norm(d)
         ratio = xp.linalg.vector_norm(target) / xp.where(norm_d > 0, norm_d, xp.ones_like(norm_d))
         return d * ratio
+
+    def refresh_flops(self) -> float:
+        """An eigendecomposition with vectors (about ``9·d_i³``) and the root's product
+        ``Q·diag·Qᵀ`` (``2·d_i³``) per full mode."""
+        return 11.0 * super().refresh_flops()
 
     def ready(self, state: TensorState, /) -> bool:
         """Refreshed, and with Adam grafting the squared-gradient EMA exists."""

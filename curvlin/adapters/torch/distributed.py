@@ -10,7 +10,7 @@ process would take on the concatenated batch:
 - parameter units' gradients (TNT, Shampoo), whose statistics are not linear in them, are
   averaged before their statistics are formed;
 - the refresh (inverses, roots, eigenbases) of each layer runs on one rank, assigned by
-  :meth:`Block.cost <curvlin.blocks.Block.cost>` longest-processing-time first, and its new
+  its refresh and preconditioning flops longest-processing-time first, and its new
   state is broadcast from that rank (one bucket per rank), or, with ``grad_workers="owners"``,
   kept there: the owner preconditions the layer and broadcasts the direction;
 - what a second pass, a check or a coupled solve reads of the rows (K-BFGS's pairs and
@@ -185,8 +185,10 @@ class TorchDistributor(Distributor):
 
     # -- ownership -----------------------------------------------------------------------
     def assign(self, blocks: Mapping[str, Block], /) -> None:
-        """Owners by :func:`assign_lpt` over :meth:`Block.cost`."""
-        self.owners = assign_lpt({n: b.cost() for n, b in blocks.items()}, self.world)
+        """Owners by :func:`assign_lpt` over each block's refresh and preconditioning flops
+        (:meth:`Block.refresh_flops`, :meth:`Block.precondition_flops`): what an owner does."""
+        costs = {n: b.refresh_flops() + b.precondition_flops() for n, b in blocks.items()}
+        self.owners = assign_lpt(costs, self.world)
         self.symmetric = {n: b.symmetric_statistics for n, b in blocks.items()}
         self.blocks = dict(blocks)
 
