@@ -38,6 +38,15 @@ import numpy as np
 #: tracks that repeat work internally (interleaved ratios, peak-memory windows) do it once.
 SMOKE = os.environ.get("CURVLIN_ASV_SMOKE", "") == "1"
 
+if SMOKE and importlib.util.find_spec("torch") is not None:
+    # CI's dry run launches benchmarks from a fork server (``--launch-method forkserver``),
+    # which imports this suite once and forks one process per benchmark and parameter set:
+    # importing torch here, and torch._dynamo (which torch.optim imports when the first
+    # optimizer is built), spares each of those ~400 processes seconds of imports. Only
+    # there: a spawned process would pay the import even for the NumPy benchmarks, and a
+    # forked one's peak memory (``peakmem_``) would count the parent's pages.
+    import torch._dynamo  # noqa: F401
+
 __all__ = [
     "BACKENDS",
     "DTYPES",

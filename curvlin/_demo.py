@@ -7,7 +7,8 @@ directory ``--data`` names (:func:`curvlin.datasets.load_mnist`), with their MNI
 784-1000-500-250-30 and its mirror; ``digits``, scikit-learn's 8×8 digits with 64-128-64-16
 and its mirror. The loss is that of the second-order literature: binary cross-entropy on the
 logits, summed over pixels and averaged over the batch. Every optimizer of
-:data:`curvlin._methods.SETTINGS` trains the same initial model on the same mini-batches; the
+:data:`curvlin._methods.SETTINGS` (at the settings tuned on the chosen problem,
+:func:`curvlin._methods.settings`) trains the same initial model on the same mini-batches; the
 demo shows progress bars, prints a table (loss at fixed iterations, iterations and seconds to
 reach loss thresholds, time per step, peak memory), says where a method wins in iterations but
 loses in time, and writes a PNG of the loss against iterations and against time.
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._methods import SETTINGS, build, parse_names
+from ._methods import SETTINGS, build, parse_names, settings
 
 #: Layer widths of each problem's encoder (the decoder mirrors it); ReLU between layers, none
 #: after the code layer and the output layer.
@@ -147,8 +148,21 @@ def make_closure(opt, model, batch, sampled: bool):
     return closure
 
 
-def train(name, data, test, *, sizes, iterations, batch_size, seed, device, progress=True) -> Run:
-    """Train a fresh model with optimizer ``name``; the batch losses, times and peak memory."""
+def train(
+    name,
+    data,
+    test,
+    *,
+    sizes,
+    iterations,
+    batch_size,
+    seed,
+    device,
+    progress=True,
+    problem="curves",
+) -> Run:
+    """Train a fresh model with optimizer ``name`` at its settings for ``problem``
+    (:func:`curvlin._methods.settings`); the batch losses, times and peak memory."""
     import torch
     from tqdm.auto import tqdm
 
@@ -158,7 +172,9 @@ def train(name, data, test, *, sizes, iterations, batch_size, seed, device, prog
     perm = torch.as_tensor(order.permutation(n), device=data.device)
     with PeakMemory(device) as memory:
         model = build_model(sizes, seed=seed, device=device, dtype=data.dtype)
-        opt = build(name, model, loss="bce_with_logits", loss_reduction="batchmean")
+        opt = build(
+            name, model, loss="bce_with_logits", loss_reduction="batchmean", problem=problem
+        )
         sampled = SETTINGS[name].sampled
         bar = tqdm(
             range(1, iterations + 1), desc=f"{name:<13}", unit="it", leave=True,
@@ -386,12 +402,14 @@ def run_demo(args) -> int:
     train("SGD+momentum", data, test, sizes=sizes, iterations=3, batch_size=batch,
           seed=args.seed, device=args.device, progress=False)  # fmt: skip
     runs = []
+    tuned = settings(args.problem)
     for name in names:
-        print(f"{name}: {SETTINGS[name].kind} {SETTINGS[name].options}")
+        print(f"{name}: {tuned[name].kind} {tuned[name].options}")
         runs.append(
             train(
                 name, data, test, sizes=sizes, iterations=args.iterations, batch_size=batch,
                 seed=args.seed, device=args.device, progress=not args.no_progress,
+                problem=args.problem,
             )
         )  # fmt: skip
     thresholds = thresholds or default_thresholds(runs)

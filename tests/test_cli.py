@@ -13,7 +13,7 @@ from _helpers import needs_test_dep
 from test_mnist_idx import write_mnist
 
 from curvlin.__main__ import main
-from curvlin._methods import SETTINGS
+from curvlin._methods import SETTINGS, TUNED, build, settings
 
 
 def test_check_passes_and_reports_every_backend(capsys):
@@ -60,6 +60,7 @@ def test_demo_every_method_table_plot_and_json(tmp_path, capsys):
         assert column in out
     assert "T1: " in out
     assert "final loss" in out
+    assert "KFAC: KFAC {'lr': 0.1, 'damping': 0.1," in out  # digits' tuned setting is used
     png = tmp_path / "curvlin-demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(png)
@@ -139,6 +140,39 @@ def test_thresholds_and_verdicts():
         "x (7.90), fastest first-order: Adam (2 / 2.0 s): no curvature method reaches it in "
         "fewer iterations"
     ]
+
+
+def test_settings_per_problem_override_only_their_options():
+    assert settings() == SETTINGS
+    digits = settings("digits")
+    assert list(digits) == list(SETTINGS)
+    for name, setting in digits.items():
+        changed = {k for k, v in setting.options.items() if SETTINGS[name].options[k] != v}
+        assert changed == set(TUNED["digits"].get(name, {})), name
+        assert (setting.kind, setting.sampled, setting.baseline) == (
+            SETTINGS[name].kind, SETTINGS[name].sampled, SETTINGS[name].baseline
+        )  # fmt: skip
+    assert digits["KFAC"].options["lr"] == 0.1
+    assert SETTINGS["KFAC"].options["lr"] == 1.0  # the table itself is left alone
+    with pytest.raises(ValueError, match="unknown problem 'cifar'"):
+        settings("cifar")
+
+
+def test_settings_merge_nested_options_key_by_key(monkeypatch):
+    monkeypatch.setitem(TUNED, "digits", {"Muon": {"muon": {"lr": 0.05}}})
+    muon = settings("digits")["Muon"].options
+    assert muon["muon"] == {"lr": 0.05, "momentum": 0.95}
+    assert muon["adamw"] == SETTINGS["Muon"].options["adamw"]
+    assert SETTINGS["Muon"].options["muon"]["lr"] == 0.02
+
+
+def test_build_uses_the_problem_settings():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 4))
+    opt = build("MBF", model, problem="digits")
+    assert opt.param_groups[0]["lr"] == TUNED["digits"]["MBF"]["lr"]
+    assert opt.param_groups[0]["damping"] == TUNED["digits"]["MBF"]["damping"]
 
 
 def test_muon_steps_matrices_and_adamw_the_rest():
