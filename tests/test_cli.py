@@ -144,15 +144,20 @@ def test_thresholds_and_verdicts():
 
 def test_settings_per_problem_override_only_their_options():
     assert settings() == SETTINGS
-    digits = settings("digits")
-    assert list(digits) == list(SETTINGS)
-    for name, setting in digits.items():
-        changed = {k for k, v in setting.options.items() if SETTINGS[name].options[k] != v}
-        assert changed == set(TUNED["digits"].get(name, {})), name
-        assert (setting.kind, setting.sampled, setting.baseline) == (
-            SETTINGS[name].kind, SETTINGS[name].sampled, SETTINGS[name].baseline
-        )  # fmt: skip
-    assert digits["KFAC"].options["lr"] == 0.1
+    from curvlin._demo import ARCHITECTURES
+
+    assert set(TUNED) == set(ARCHITECTURES) - {"curves"}  # every demo problem but CURVES
+    for problem, tuned in TUNED.items():
+        assert set(tuned) <= set(SETTINGS), problem
+        per_problem = settings(problem)
+        assert list(per_problem) == list(SETTINGS)
+        for name, setting in per_problem.items():
+            changed = {k for k, v in setting.options.items() if SETTINGS[name].options[k] != v}
+            assert changed == set(tuned.get(name, {})), (problem, name)
+            assert (setting.kind, setting.sampled, setting.baseline) == (
+                SETTINGS[name].kind, SETTINGS[name].sampled, SETTINGS[name].baseline
+            )  # fmt: skip
+    assert settings("digits")["KFAC"].options["lr"] == 0.1
     assert SETTINGS["KFAC"].options["lr"] == 1.0  # the table itself is left alone
     with pytest.raises(ValueError, match="unknown problem 'cifar'"):
         settings("cifar")
@@ -170,9 +175,9 @@ def test_build_uses_the_problem_settings():
     from torch import nn
 
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 4))
-    opt = build("MBF", model, problem="digits")
-    assert opt.param_groups[0]["lr"] == TUNED["digits"]["MBF"]["lr"]
-    assert opt.param_groups[0]["damping"] == TUNED["digits"]["MBF"]["damping"]
+    opt = build("SMW-NG", model, problem="digits")
+    assert opt.param_groups[0]["lr"] == TUNED["digits"]["SMW-NG"]["lr"]
+    assert opt.param_groups[0]["damping"] == TUNED["digits"]["SMW-NG"]["damping"]
 
 
 def test_muon_steps_matrices_and_adamw_the_rest():
