@@ -104,7 +104,7 @@ SETTINGS = {
 #: Per demo problem other than CURVES, the options that differ from :data:`SETTINGS`: the best
 #: final training loss (300 iterations, batch 250, seed 0) over a grid of ``lr`` (0.1, 0.3, 1,
 #: 3 and 10 times the CURVES value) and ``damping`` (digits: the CURVES value, 1e-3, 1e-2,
-#: 0.1, 1; mnist: the CURVES value, and 1 for SMW-NG and K-BFGS) among the points whose next
+#: 0.1, 1; mnist: the CURVES value, and 1 for SMW-NG and both K-BFGS) among the points whose next
 #: larger ``lr`` (same damping) stayed finite, so that a setting is not on the edge of
 #: divergence (``docs/demo.md``, "Settings per problem").
 TUNED = {
