@@ -105,6 +105,19 @@ def test_named_parameters_name_the_units_and_duplicates_raise():
         TNT(model)
 
 
+def test_adam_grafting_with_amortised_statistics_raises():
+    """Adam's second moment is folded with the statistics: stale, it divides a gradient that
+    was zero at every statistics step by ``ε`` (on the demo's CURVES autoencoder one such step
+    took a weight to 202 and the loss to 1e20). Both entry points refuse it."""
+    model = mlp()
+    for graft in (None, "sgd"):
+        Shampoo(model, graft=graft, stats_every=2)
+    with pytest.raises(ValueError, match="graft='adam' needs stats_every=1 \\(got 2\\)"):
+        Shampoo(model, graft="adam", stats_every=2)
+    with pytest.raises(ValueError, match="graft='adam' needs stats_every=1"):
+        Preconditioner(model, Shampoo, graft="adam", stats_every=3)
+
+
 def test_a_parameter_the_sampled_output_never_reaches_raises():
     model = mlp()
     extra = nn.Parameter(torch.ones(3, dtype=torch.float64))

@@ -47,7 +47,8 @@ _SHAMPOO_DOC = """
         EMA decay of the factors ``H_i``; None sums them (the paper's accumulation).
     graft : {None, "sgd", "adam"}
         Rescale each parameter's direction to the norm of the momentum gradient (``"sgd"``)
-        or of an Adam step on it (``"adam"``, second-moment decay 0.999, ``ε = 1e-8``).
+        or of an Adam step on it (``"adam"``, second-moment decay 0.999, ``ε = 1e-8``;
+        needs ``stats_every=1``, as the second moment is folded with the statistics).
     relative_damping : bool
         ``damping`` times each factor's mean eigenvalue ``tr(H_i)/d_i`` is added to ``H_i``
         (the default: the direction is then invariant to the scale of the loss), or
@@ -218,14 +219,13 @@ class Shampoo(CurvatureOptimizer):
             )
         make_block, options = self.block_factory(
             decay=decay, graft=graft, relative_damping=relative_damping, conv=conv,
-            max_dim=max_dim,
+            max_dim=max_dim, stats_every=stats_every,
         )  # fmt: skip
         super().__init__(params, make_block, owner="Shampoo", lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
                          momentum_form=momentum_form, adaptive_damping=adaptive_damping,
-                         adapt_every=adapt_every, stats_every=stats_every,
-                         refresh_every=refresh_every, factor_dtype=factor_dtype,
-                         **options)  # fmt: skip
+                         adapt_every=adapt_every, refresh_every=refresh_every,
+                         factor_dtype=factor_dtype, **options)  # fmt: skip
 
     @staticmethod
     def block_factory(*, decay: float | None = 0.99, graft: str | None = None,
@@ -235,6 +235,16 @@ class Shampoo(CurvatureOptimizer):
         _check_conv("Shampoo", conv)
         if graft not in GRAFTS:
             raise ValueError(f"Shampoo: graft must be one of {GRAFTS}, got {graft!r}")
+        stats_every = engine_options.get("stats_every", 1)
+        if graft == "adam" and stats_every != 1:
+            # Adam's second moment is folded on statistics steps only: a stale one divides
+            # later gradients by ~1e-8 wherever every gradient it saw was zero (a dead unit
+            # coming back), and one such step wrecks the model.
+            raise ValueError(
+                f"Shampoo: graft='adam' needs stats_every=1 (got {stats_every!r}): its "
+                "second moment is a statistic, folded only on statistics steps; use "
+                "graft='sgd' or None to amortise the statistics"
+            )
         options = {"decay": decay, "max_dim": max_dim, "graft": graft,
                    "relative_damping": relative_damping}  # fmt: skip
         ShampooBlock((1,), **options)  # validates them
