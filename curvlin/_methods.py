@@ -5,12 +5,13 @@ the bench and the docs (``docs/demo.md``) agree on what "KFAC" or "Muon" means. 
 of KFAC, K-BFGS, K-BFGS(L), MBF, SMW-NG, Adam and SGD were tuned on the demo's CURVES
 autoencoder (``docs/kfac.md``, ``docs/mbf.md``, ``docs/smw.md``); TNT's and Shampoo's come from
 runs on the CURVES problem (``docs/demo.md``, ``docs/tnt_shampoo.md``): the digits optimum
-of ``docs/tnt_shampoo.md`` diverges on the summed loss, TNT wants its inverses every step there,
-and Shampoo is grafted onto Adam's step norm; Muon's are the example of
+of ``docs/tnt_shampoo.md`` diverges on the summed loss, TNT refreshes every 5 steps only
+under a KL clip there, and Shampoo is grafted onto Adam's step norm; Muon's are the example of
 torch's ``torch.optim.Muon`` documentation (Muon on the 2-D weights, AdamW on the rest).
-Curvature work is amortised the way a user should: statistics and refresh every few steps
-where the method allows it. :data:`TUNED` holds, per other demo problem, the learning rates
-and dampings a grid on that problem chose (:func:`settings` applies them; ``docs/demo.md``).
+Curvature work is amortised the way a user should: statistics and refresh intervals chosen
+on CURVES by a grid (``docs/demo.md``, "Schedules"). :data:`TUNED` holds, per other demo
+problem, the learning rates and dampings a grid on that problem chose (:func:`settings`
+applies them; ``docs/demo.md``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ SETTINGS = {
             "kl_clip": 0.1,
             "fisher": "mc",
             "stats_every": 1,
-            "refresh_every": 5,
+            "refresh_every": 20,
         },
         sampled=True,
     ),
@@ -54,8 +55,8 @@ SETTINGS = {
             "damping": 1e-2,
             "momentum": 0.9,
             "kl_clip": 1e-2,
-            "stats_every": 20,
-            "refresh_every": 20,
+            "stats_every": 40,
+            "refresh_every": 40,
         },
     ),
     "SMW-NG": Setting(
@@ -75,8 +76,9 @@ SETTINGS = {
             "damping": 0.1,
             "momentum": 0.9,
             "fisher": "mc",
+            "kl_clip": 0.03,  # without it, inverses every 2 steps end in NaN on CURVES
             "stats_every": 1,
-            "refresh_every": 1,  # every 5 ends in NaN on CURVES (docs/tnt_shampoo.md)
+            "refresh_every": 5,
         },
         sampled=True,
     ),
@@ -87,8 +89,8 @@ SETTINGS = {
             "damping": 1e-3,
             "momentum": 0.9,
             "graft": "adam",
-            "stats_every": 1,
-            "refresh_every": 5,
+            "stats_every": 1,  # Adam grafting folds its second moment with the statistics
+            "refresh_every": 20,
         },
     ),
     "Adam": Setting("Adam", {"lr": 3e-3}, baseline=True),
