@@ -8,7 +8,9 @@ of a step (momentum, weight decay, KL clipping, EMA, schedule).
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -215,6 +217,79 @@ def test_step_with_kl_clip(kl_clip):
             rtol=1e-9,
             atol=1e-14,
         )
+
+
+@pytest.mark.parametrize(
+    ("kl_clip", "relative"), [(None, 1e-6), (None, 1e6), (1e-7, 1e-6), (1e-5, 1e-6)]
+)
+def test_step_with_relative_kl_clip(kl_clip, relative):
+    """``relative_kl_clip`` bounds ``lr² |Σ Δ·M|`` by ``relative · |L|``, ``L`` the closure's
+    loss, or by the smaller of that and ``kl_clip``; ``float(loss)`` is read here, the step
+    reads it on the device."""
+    lr = 0.5
+    model, X, y = _setup("mlp")
+    before = _snapshot(model)
+    opt = KFAC(model, lr=lr, momentum=0.0, damping=0.1, decay=0.0, kl_clip=kl_clip,
+               relative_kl_clip=relative)  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    loss = float(opt.step(closure).detach())
+    directions, quad = {}, 0.0
+    for name, module in _modules(model).items():
+        v = layer_grad_vec(module).numpy()
+        directions[name] = opt.inverse_operator(name) @ v
+        quad += float(directions[name] @ v)
+    bound = relative * loss if kl_clip is None else min(kl_clip, relative * loss)
+    nu = min(1.0, math.sqrt(bound / (lr**2 * abs(quad))))
+    assert (nu < 1e-2) == (bound < 1)  # the clip is active exactly when the bound is small
+    for name, module in _modules(model).items():
+        np.testing.assert_allclose(
+            _layer_update(module, before[name]).numpy(),
+            -lr * nu * directions[name],
+            rtol=1e-6,
+            atol=1e-14,
+        )
+
+
+def test_relative_kl_clip_without_a_closure_warns_once_and_falls_back_to_kl_clip():
+    model, X, y = _setup("mlp")
+    twin = copy.deepcopy(model)
+    opt = KFAC(model, lr=0.5, momentum=0.0, damping=0.1, kl_clip=1e-6, relative_kl_clip=1.0)
+    ref = KFAC(twin, lr=0.5, momentum=0.0, damping=0.1, kl_clip=1e-6)
+    for m in (model, twin):
+        _backward(m, X, y)
+    with pytest.warns(UserWarning, match="relative_kl_clip bounds the step by the loss"):
+        opt.step()
+    ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        _backward(model, X, y)
+        opt.step()  # once per optimizer
+
+
+def test_relative_kl_clip_with_a_non_finite_loss_does_not_move():
+    model, X, y = _setup("mlp")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = KFAC(model, lr=0.5, momentum=0.0, damping=0.1, kl_clip=None, relative_kl_clip=1.0)
+    for bad in (math.nan, math.inf):
+
+        def closure(bad=bad):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X), y)
+            loss.backward()
+            return loss * bad  # finite gradients, a NaN or infinite loss
+
+        opt.step(closure)
+        for p, q in zip(model.parameters(), before):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_kl_clip_reads_the_vector_that_was_preconditioned():

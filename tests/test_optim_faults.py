@@ -133,6 +133,8 @@ def test_dead_layer_gives_no_nan(method):
         ("damping", math.nan),
         ("momentum", 1.0),
         ("kl_clip", 0.0),
+        ("relative_kl_clip", 0.0),
+        ("relative_kl_clip", math.inf),
     ],
 )
 def test_bad_hyperparameter_is_refused_at_construction(method, key, value):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -52,9 +53,10 @@ def check_hyper(owner: str, **values) -> None:
         "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "weight_decay": (lambda v: v >= 0, ">= 0"),
         "kl_clip": (lambda v: v > 0, "> 0 or None"),
+        "relative_kl_clip": (lambda v: v > 0, "> 0 or None"),
     }
     for name, value in values.items():
-        if name == "kl_clip" and value is None:
+        if name in ("kl_clip", "relative_kl_clip") and value is None:
             continue
         test, want = rules[name]
         if (
@@ -657,8 +659,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Each supported layer gets ``Δ = P(∇W̄ + τW̄)``, the method's preconditioned gradient
     with L2 weight decay ``τ`` added first; with ``kl_clip`` the whole step is scaled by
-    ``ν = min(1, √(kl_clip / (lr² |Σ Δ·M|)))``, ``M`` the vector ``Δ`` was made from; then
-    ``momentum`` (see ``momentum_form``).
+    ``ν = min(1, √(kl_clip / (lr² |Σ Δ·M|)))``, ``M`` the vector ``Δ`` was made from (with
+    ``relative_kl_clip`` the bound is also at most ``relative_kl_clip · |L|``, ``L`` the
+    closure's loss); then ``momentum`` (see ``momentum_form``).
     Unsupported parameters get the fallback chosen by ``unsupported``. The front passes its
     block factory and options; see :class:`Curvature` for the engine options.
     """
@@ -675,13 +678,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         weight_decay: float,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        relative_kl_clip: float | None = None,
         adaptive_damping: bool = False,
         adapt_every: int = 5,
         unsupported="error",
         **options,
     ):
         check_hyper(owner, lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        check_hyper(owner, kl_clip=kl_clip)
+        check_hyper(owner, kl_clip=kl_clip, relative_kl_clip=relative_kl_clip)
         if momentum_form not in MOMENTUM_FORMS:
             raise ValueError(
                 f"{owner}: momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}"
@@ -697,6 +701,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         self._curv = Curvature(model, make_block, owner=owner, unsupported=unsupported, **options)
         self._owner, self.momentum_form, self.kl_clip = owner, momentum_form, kl_clip
+        self.relative_kl_clip = relative_kl_clip
+        self._warned_unbounded = False
         self.adaptive_damping, self.adapt_every = adaptive_damping, adapt_every
         #: ``ρ`` of the last damping adaptation (actual over predicted change), or None.
         self.last_ratio: float | None = None
@@ -833,6 +839,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             damping=damping,
         )
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
+        bound = self._clip_bound(loss)
         model = None
         # The input-side update before the second pass needs only the first pass and the
         # state the direction used: in one process it runs as each layer's direction is
@@ -841,7 +848,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # in one gather. A check reads the inputs after the second pass.
         early = bool(batches) and curv.second_pass_due and not driver.check_due()
         per_layer = early and driver.distributor.world == 1
-        if self.kl_clip is None and not adapt:
+        if bound is None and not adapt:
             # Nothing couples the layers' steps: each is applied as soon as it is made, so
             # only one layer's direction is alive at a time.
             for name, pair in directions:
@@ -853,7 +860,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         states, batches, damping=damping, install=True, names=[name]
                     )
         else:
-            updates, model = self._updates(dict(directions), grads, buffers, model=adapt)
+            updates, model = self._updates(
+                dict(directions), grads, buffers, bound=bound, model=adapt
+            )
             for p, direction, new_buffer in updates:
                 self._apply(p, direction, group_of[id(p)], new_buffer)
         # The directions and the gradient views are spent: free them before a second pass
@@ -966,22 +975,45 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         buf = self.state[p].get("momentum_buffer")
         return g.clone() if buf is None else buf.mul_(mu).add_(g)
 
-    def _updates(self, directions, grads, buffers, *, model=False):
-        """``(param, Δ, new momentum buffer or None)`` per parameter to update, kl-clipped,
-        and (with ``model``) the quadratic model's terms ``(gᵀΔ, ΔᵀM, ν)`` on the device."""
+    def _clip_bound(self, loss):
+        """The step's bound on ``lr²|ΔᵀM|``: ``kl_clip`` and ``relative_kl_clip·|loss|``
+        (a 0-d tensor, no host synchronisation; a non-finite loss gives 0, no move), the
+        smaller of those set; None for no clip."""
+        bound = self.kl_clip
+        if self.relative_kl_clip is None:
+            return bound
+        if loss is None:
+            if not self._warned_unbounded:
+                self._warned_unbounded = True
+                warnings.warn(
+                    f"{self._owner}: relative_kl_clip bounds the step by the loss, which "
+                    "opt.step() without a closure does not see: steps are bounded by kl_clip "
+                    "only. Pass a closure (opt.step(closure)) or set relative_kl_clip=None",
+                    UserWarning,
+                    stacklevel=6,  # the caller of opt.step(), past torch's two wrappers
+                )
+            return bound
+        rel = self.relative_kl_clip * torch.as_tensor(loss).detach().abs()
+        rel = torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel))
+        return rel if bound is None else rel.clamp(max=bound)
+
+    def _updates(self, directions, grads, buffers, *, bound=None, model=False):
+        """``(param, Δ, new momentum buffer or None)`` per parameter to update, scaled so
+        that ``lr²|ΔᵀM| <= bound`` (no clip for None), and (with ``model``) the quadratic
+        model's terms ``(gᵀΔ, ΔᵀM, ν)`` on the device."""
         out, g_dot_d, d_dot_m = [], [], []
         for name, pair in directions.items():
             for p, d, g, buf in self._layer_updates(name, pair, grads, buffers):
                 out.append((p, d, buf))
                 if model:
                     g_dot_d.append((d * g).sum())
-                if self.kl_clip is not None or model:
+                if bound is not None or model:
                     d_dot_m.append((d * (g if buf is None else buf)).sum())
         nu = 1.0
-        if self.kl_clip is not None and d_dot_m:
+        if bound is not None and d_dot_m:
             lr = self.param_groups[0]["lr"]
             quad = torch.stack(d_dot_m).sum().abs() * lr**2
-            nu = torch.clamp(torch.sqrt(self.kl_clip / quad.clamp_min(1e-30)), max=1.0)
+            nu = torch.clamp(torch.sqrt(bound / quad.clamp_min(1e-30)), max=1.0)
             for _, d, _ in out:  # directions are new arrays (Block.precondition)
                 d.mul_(nu.to(d.dtype))
         if not model or not d_dot_m:
@@ -1358,6 +1390,16 @@ COMMON_DOC = """
         (``"direction"``). For a method whose ``P`` is the inverse of a damped curvature
         ``C + λI``, ``lr²·ΔᵀM`` is the step's squared length in that curvature's metric, so
         the clipped step is at most ``√(kl_clip / λ)`` long whatever the curvature does.
+    relative_kl_clip : float, optional
+        If set, the same bound with ``relative_kl_clip · |L|`` (``L`` the loss the closure
+        returned) in place of ``kl_clip``, or the smaller of the two when both are set. Both
+        sides grow alike when the loss is summed over more outputs (the Fisher with the
+        loss), and the bound shrinks with the loss: once a batch is fitted, a collapsing
+        curvature cannot throw it off. It is tight wherever the loss is small in absolute
+        terms (a mean-reduced loss), so it is off by default (``docs/benchmarks.md``, "Fitting
+        one batch"). Needs ``opt.step(closure)``: without a closure the loss is unknown, a
+        ``UserWarning`` says so once, and only ``kl_clip`` bounds the step. A NaN or infinite
+        loss stops the step (``ν = 0``).
     adaptive_damping : bool
         Adapt the curvature groups' ``damping`` by the Levenberg–Marquardt rule
         (:func:`curvlin.lm_adapt`) every ``adapt_every`` steps: the loss after the step, on the

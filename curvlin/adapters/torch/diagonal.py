@@ -77,13 +77,15 @@ class DiagonalFisher(CurvatureOptimizer):
     def __init__(self, model: nn.Module, lr: float = 0.3, damping: float = 1e-2,
                  momentum: float = 0.5, weight_decay: float = 0.0, *,
                  momentum_form: str = "gradient", kl_clip: float | None = None,
-                 adaptive_damping: bool = False, adapt_every: int = 5, decay: float = 0.95,
+                 relative_kl_clip: float | None = None, adaptive_damping: bool = False,
+                 adapt_every: int = 5, decay: float = 0.95,
                  loss_reduction: str = "mean", stats_every: int = 1, refresh_every: int = 1,
                  factor_dtype: torch.dtype | None = None, unsupported="error"):  # fmt: skip
         make_block, options = self.block_factory(decay=decay, loss_reduction=loss_reduction)
         super().__init__(model, make_block, owner="DiagonalFisher", lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
-                         momentum_form=momentum_form, adaptive_damping=adaptive_damping,
+                         relative_kl_clip=relative_kl_clip, momentum_form=momentum_form,
+                         adaptive_damping=adaptive_damping,
                          adapt_every=adapt_every, unsupported=unsupported,
                          stats_every=stats_every, refresh_every=refresh_every,
                          factor_dtype=factor_dtype, **options)  # fmt: skip

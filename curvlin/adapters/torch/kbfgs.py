@@ -188,6 +188,7 @@ class KBFGS(_KBFGSFront):
         *,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        relative_kl_clip: float | None = None,
         adaptive_damping: bool = False,
         adapt_every: int = 5,
         a_update: str = "minibatch",
@@ -207,6 +208,7 @@ class KBFGS(_KBFGSFront):
         common = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         common.update(momentum_form=momentum_form, kl_clip=kl_clip, unsupported=unsupported)
         common.update(adaptive_damping=adaptive_damping, adapt_every=adapt_every)
+        common.update(relative_kl_clip=relative_kl_clip)
         self._setup(model, common, block, engine)
 
 
@@ -270,6 +272,7 @@ class KBFGSL(_KBFGSFront):
         *,
         momentum_form: str = "gradient",
         kl_clip: float | None = None,
+        relative_kl_clip: float | None = None,
         adaptive_damping: bool = False,
         adapt_every: int = 5,
         memory: int = 100,
@@ -292,6 +295,7 @@ class KBFGSL(_KBFGSFront):
         common = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         common.update(momentum_form=momentum_form, kl_clip=kl_clip, unsupported=unsupported)
         common.update(adaptive_damping=adaptive_damping, adapt_every=adapt_every)
+        common.update(relative_kl_clip=relative_kl_clip)
         self._setup(model, common, block, engine)
 
     @staticmethod

@@ -117,8 +117,9 @@ class MBF(CurvatureOptimizer):
     def __init__(self, model: nn.Module, lr: float = 3e-3, damping: float = 1e-3,
                  momentum: float = 0.5, weight_decay: float = 0.0, *,
                  momentum_form: str = "gradient", kl_clip: float | None = None,
-                 adaptive_damping: bool = False, adapt_every: int = 5, decay: float = 0.95,
-                 max_block_size: int | None = 64, partition=None, fisher: str = "empirical",
+                 relative_kl_clip: float | None = None, adaptive_damping: bool = False,
+                 adapt_every: int = 5, decay: float = 0.95, max_block_size: int | None = 64,
+                 partition=None, fisher: str = "empirical",
                  loss: str | None = None, loss_reduction: str = "mean", stats_every: int = 1,
                  refresh_every: int = 1, factor_dtype: torch.dtype | None = None,
                  unsupported="error", seed: int = 0):  # fmt: skip
@@ -128,7 +129,8 @@ class MBF(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(model, make_block, owner="MBF", lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
-                         momentum_form=momentum_form, adaptive_damping=adaptive_damping,
+                         relative_kl_clip=relative_kl_clip, momentum_form=momentum_form,
+                         adaptive_damping=adaptive_damping,
                          adapt_every=adapt_every, unsupported=unsupported,
                          stats_every=stats_every, refresh_every=refresh_every,
                          factor_dtype=factor_dtype, **options)  # fmt: skip

@@ -32,7 +32,7 @@ _SMW_DOC = """
 
 #: The engine options the SMW fronts take (statistics and the solve happen on every step).
 _TAKEN = ("lr", "damping", "momentum", "weight_decay", "momentum_form", "kl_clip",
-          "adaptive_damping", "adapt_every", "unsupported")  # fmt: skip
+          "relative_kl_clip", "adaptive_damping", "adapt_every", "unsupported")  # fmt: skip
 
 
 def _entries(doc: str, names) -> str:
@@ -53,14 +53,15 @@ class _SMW(CurvatureOptimizer):
     _fisher_choices: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, lr, damping, momentum, weight_decay, *, owner, fisher,
-                 loss, loss_reduction, subsample, momentum_form, kl_clip, adaptive_damping,
-                 adapt_every, unsupported, seed):  # fmt: skip
+                 loss, loss_reduction, subsample, momentum_form, kl_clip, relative_kl_clip,
+                 adaptive_damping, adapt_every, unsupported, seed):  # fmt: skip
         make_block, options = self.block_factory(
             fisher=fisher, loss=loss, loss_reduction=loss_reduction, subsample=subsample, seed=seed
         )
         super().__init__(model, make_block, owner=owner, lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay,
                          momentum_form=momentum_form, kl_clip=kl_clip,
+                         relative_kl_clip=relative_kl_clip,
                          adaptive_damping=adaptive_damping, adapt_every=adapt_every,
                          unsupported=unsupported, **options)  # fmt: skip
 
@@ -170,11 +171,13 @@ class SMWNG(_SMW):
                  fisher: str = "empirical", loss: str | None = None,
                  loss_reduction: str = "mean", subsample: int | None = None,
                  momentum_form: str = "direction",
-                 kl_clip: float | None = None, adaptive_damping: bool = False,
-                 adapt_every: int = 1, unsupported="error", seed: int = 0):  # fmt: skip
+                 kl_clip: float | None = None, relative_kl_clip: float | None = None,
+                 adaptive_damping: bool = False, adapt_every: int = 1, unsupported="error",
+                 seed: int = 0):  # fmt: skip
         super().__init__(model, lr, damping, momentum, weight_decay, owner="SMWNG",
                          fisher=fisher, loss=loss, loss_reduction=loss_reduction,
                          subsample=subsample, momentum_form=momentum_form, kl_clip=kl_clip,
+                         relative_kl_clip=relative_kl_clip,
                          adaptive_damping=adaptive_damping, adapt_every=adapt_every,
                          unsupported=unsupported, seed=seed)  # fmt: skip
 
@@ -248,11 +251,13 @@ class SMWGN(_SMW):
                  momentum: float = 0.0, weight_decay: float = 0.0, *,
                  loss: str | None = None, loss_reduction: str = "mean",
                  subsample: int | None = None, momentum_form: str = "direction",
-                 kl_clip: float | None = None, adaptive_damping: bool = False,
-                 adapt_every: int = 1, unsupported="error", seed: int = 0):  # fmt: skip
+                 kl_clip: float | None = None, relative_kl_clip: float | None = None,
+                 adaptive_damping: bool = False, adapt_every: int = 1, unsupported="error",
+                 seed: int = 0):  # fmt: skip
         super().__init__(model, lr, damping, momentum, weight_decay, owner="SMWGN",
                          fisher="ggn", loss=loss, loss_reduction=loss_reduction,
                          subsample=subsample, momentum_form=momentum_form, kl_clip=kl_clip,
+                         relative_kl_clip=relative_kl_clip,
                          adaptive_damping=adaptive_damping, adapt_every=adapt_every,
                          unsupported=unsupported, seed=seed)  # fmt: skip
 

@@ -120,8 +120,9 @@ class TNT(CurvatureOptimizer):
 
     def __init__(self, params, lr: float = 0.01, damping: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, momentum_form: str = "gradient",
-                 kl_clip: float | None = None, adaptive_damping: bool = False,
-                 adapt_every: int = 5, decay: float = 0.8, fisher: str = "mc",
+                 kl_clip: float | None = None, relative_kl_clip: float | None = None,
+                 adaptive_damping: bool = False, adapt_every: int = 5, decay: float = 0.8,
+                 fisher: str = "mc",
                  loss: str | None = None, loss_reduction: str = "mean", conv: str = "filter",
                  max_dim: int | None = 4096, stats_every: int = 1, refresh_every: int = 1,
                  factor_dtype: torch.dtype | None = None, seed: int = 0):  # fmt: skip
@@ -131,7 +132,8 @@ class TNT(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(params, make_block, owner="TNT", lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
-                         momentum_form=momentum_form, adaptive_damping=adaptive_damping,
+                         relative_kl_clip=relative_kl_clip, momentum_form=momentum_form,
+                         adaptive_damping=adaptive_damping,
                          adapt_every=adapt_every, stats_every=stats_every,
                          refresh_every=refresh_every, factor_dtype=factor_dtype,
                          **options)  # fmt: skip
@@ -206,8 +208,9 @@ class Shampoo(CurvatureOptimizer):
 
     def __init__(self, params, lr: float = 0.01, damping: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, momentum_form: str = "gradient",
-                 kl_clip: float | None = None, adaptive_damping: bool = False,
-                 adapt_every: int = 5, decay: float | None = 0.99, graft: str | None = None,
+                 kl_clip: float | None = None, relative_kl_clip: float | None = None,
+                 adaptive_damping: bool = False, adapt_every: int = 5,
+                 decay: float | None = 0.99, graft: str | None = None,
                  relative_damping: bool = True, conv: str = "filter",
                  max_dim: int | None = 4096, stats_every: int = 1, refresh_every: int = 1,
                  factor_dtype: torch.dtype | None = None):  # fmt: skip
@@ -223,7 +226,8 @@ class Shampoo(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(params, make_block, owner="Shampoo", lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip,
-                         momentum_form=momentum_form, adaptive_damping=adaptive_damping,
+                         relative_kl_clip=relative_kl_clip, momentum_form=momentum_form,
+                         adaptive_damping=adaptive_damping,
                          adapt_every=adapt_every, refresh_every=refresh_every,
                          factor_dtype=factor_dtype, **options)  # fmt: skip
 
