@@ -5,7 +5,8 @@ mirror on random images with binary cross-entropy; ``cnn``, a small CIFAR-like n
 3×3 convolutions and a linear layer on random 3×32×32 images with cross-entropy; or a user's
 ``module:factory``), every optimizer of :data:`curvlin._methods.SETTINGS` takes training steps
 on one fixed batch, and the bench prints the mean step time over a window of consecutive steps
-(so the amortised statistics and refresh steps are counted at their share), its ratio to an SGD
+(whole periods of the method's schedule, so that every window holds the amortised statistics
+and refresh steps at their share, wherever it starts), its ratio to an SGD
 step timed next to it (the minimum over interleaved repeats), and the peak memory over SGD's.
 With ``--layers`` it adds, for every curvature method, a per-layer breakdown: the flops of the
 cost formulas (:meth:`~curvlin.blocks.Block.statistics_flops` on the step's rows,
@@ -134,17 +135,27 @@ class Trainer:
         return (time.perf_counter() - start) / steps
 
 
+def window_steps(name: str, steps: int) -> int:
+    """``steps`` rounded up to whole periods of ``name``'s schedule (the least common multiple
+    of its ``stats_every`` and ``refresh_every``): any window that long holds one refresh per
+    ``refresh_every`` steps wherever it starts, so the best window is not one without."""
+    options = SETTINGS[name].options
+    period = math.lcm(options.get("stats_every", 1), options.get("refresh_every", 1))
+    return -(-steps // period) * period
+
+
 def measure(name, factory, args, device, dtype):
     """(trainer, mean step seconds, SGD step seconds, peak MiB) for optimizer ``name``."""
     sgd = Trainer("SGD+momentum", factory, args.batch_size, device, dtype)
+    steps = window_steps(name, args.steps)
     with PeakMemory(device) as memory:
         trainer = Trainer(name, factory, args.batch_size, device, dtype)
         trainer.window(args.warmup)
         sgd.window(args.warmup)
         times, base = [], []
         for _ in range(args.repeat):  # interleaved, so both see the same machine state
-            times.append(trainer.window(args.steps))
-            base.append(sgd.window(args.steps))
+            times.append(trainer.window(steps))
+            base.append(sgd.window(steps))
         peak = memory.peak()
     return trainer, min(times), min(base), peak
 
@@ -266,7 +277,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument(
+        "--steps", type=int, default=10,
+        help="steps per timed window, rounded up to whole periods of each method's schedule",
+    )  # fmt: skip
     p.add_argument("--repeat", type=int, default=3, help="interleaved windows per method")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--layers", action="store_true", help="add the per-layer breakdown")
@@ -287,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {args.model}, batch {args.batch_size}, {args.dtype} on {args.device}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; mean step over windows of "
-        f"{args.steps} steps after {args.warmup} warm-up steps, best of {args.repeat} "
-        "interleaved with SGD"
+        f"at least {args.steps} steps (whole schedule periods) after {args.warmup} warm-up "
+        f"steps, best of {args.repeat} interleaved with SGD"
     )
     header = f"{'optimizer':<14}{'ms/step':>10}{'SGD ms':>9}{'ratio':>8}"
     header += f"{'peak MiB':>10}{'over SGD':>10}"

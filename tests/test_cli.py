@@ -238,6 +238,23 @@ def test_bench_every_method_with_layer_breakdown(capsys):
         assert (precond_ms == "—") == (block == "LinearKernelBlock"), row
 
 
+def test_bench_windows_are_whole_schedule_periods():
+    """A window shorter than the refresh interval could miss every refresh, and the best of
+    several windows would then be one that does."""
+    from curvlin._bench import window_steps
+
+    assert window_steps("Adam", 10) == 10
+    assert window_steps("TNT", 10) == 10  # refresh every 5
+    assert window_steps("TNT", 12) == 15
+    assert window_steps("KFAC", 10) == 20  # refresh every 20
+    assert window_steps("MBF", 10) == 40  # statistics and refresh every 40
+    for name, setting in SETTINGS.items():
+        steps = window_steps(name, 7)
+        assert steps >= 7
+        for key in ("stats_every", "refresh_every"):
+            assert steps % setting.options.get(key, 1) == 0, (name, key)
+
+
 def test_bench_rejects_bad_model():
     with pytest.raises(SystemExit, match="--model must be one of"):
         main(["bench", "--model", "resnet"])
