@@ -5,7 +5,7 @@ the bench and the docs (``docs/demo.md``) agree on what "KFAC" or "Muon" means. 
 of KFAC, K-BFGS, K-BFGS(L), MBF, SMW-NG, Adam and SGD were tuned on the demo's CURVES
 autoencoder (``docs/kfac.md``, ``docs/mbf.md``, ``docs/smw.md``); TNT's and Shampoo's come from
 runs on the CURVES problem (``docs/demo.md``, ``docs/tnt_shampoo.md``): the digits optimum
-of ``docs/tnt_shampoo.md`` diverges on the summed loss, TNT refreshes every 5 steps only
+of ``docs/tnt_shampoo.md`` diverges on the summed loss, TNT refreshes every 6 steps only
 under a KL clip there, and Shampoo is grafted onto Adam's step norm; Muon's are the example of
 torch's ``torch.optim.Muon`` documentation (Muon on the 2-D weights, AdamW on the rest).
 Curvature work is amortised the way a user should: statistics and refresh intervals chosen
@@ -77,8 +77,8 @@ SETTINGS = {
             "momentum": 0.9,
             "fisher": "mc",
             "kl_clip": 0.03,  # without it, inverses every 2 steps end in NaN on CURVES
-            "stats_every": 1,
-            "refresh_every": 5,
+            "stats_every": 3,
+            "refresh_every": 6,
         },
         sampled=True,
     ),

@@ -244,8 +244,8 @@ def test_bench_windows_are_whole_schedule_periods():
     from curvlin._bench import window_steps
 
     assert window_steps("Adam", 10) == 10
-    assert window_steps("TNT", 10) == 10  # refresh every 5
-    assert window_steps("TNT", 12) == 15
+    assert window_steps("TNT", 10) == 12  # statistics every 3, refresh every 6
+    assert window_steps("TNT", 12) == 12
     assert window_steps("KFAC", 10) == 20  # refresh every 20
     assert window_steps("MBF", 10) == 40  # statistics and refresh every 40
     for name, setting in SETTINGS.items():
