@@ -79,6 +79,8 @@ VARIANTS = [
     (_BY_NAME["kfac"], "/adaptive", _ADAPT),
     (_BY_NAME["kbfgs"], "/adaptive", _ADAPT),
     (_BY_NAME["kbfgs"], "/ema", {"a_update": "ema"}),
+    # active on every step (the losses are near 1): the ranks must agree on the mean loss
+    (_BY_NAME["kfac"], "/relative-clip", {"kl_clip": None, "relative_kl_clip": 1e-6}),
 ]
 
 
@@ -370,6 +372,10 @@ def test_distributed_step_equals_one_process_on_the_whole_batch(world, tmp_path,
                 if variant is method:
                     want = reference(method, world, **options)
                     assert _close(results[0][method.name + suffix], want), method.name + suffix
+                    first = results[0][method.name + suffix]
+                    for got in results[1:]:
+                        pairs = zip(got[method.name + suffix], first)
+                        assert all(torch.equal(p, q) for p, q in pairs), method.name + suffix
             if method is METHODS[0]:
                 assert _close(results[0]["preconditioner"], _preconditioned(data(world)))
             if method in CONV_METHODS:

@@ -977,8 +977,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _clip_bound(self, loss):
         """The step's bound on ``lr²|ΔᵀM|``: ``kl_clip`` and ``relative_kl_clip·|loss|``
-        (a 0-d tensor, no host synchronisation; a non-finite loss gives 0, no move), the
-        smaller of those set; None for no clip."""
+        (a 0-d tensor, no host synchronisation; the loss averaged over ranks, weighted by
+        their examples; a non-finite loss gives 0, no move), the smaller of those set; None
+        for no clip."""
         bound = self.kl_clip
         if self.relative_kl_clip is None:
             return bound
@@ -993,7 +994,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     stacklevel=6,  # the caller of opt.step(), past torch's two wrappers
                 )
             return bound
-        rel = self.relative_kl_clip * torch.as_tensor(loss).detach().abs()
+        loss = torch.as_tensor(loss).detach().clone()  # averaged in place
+        # this rank's batch's loss: every rank must clip alike (a no-op in one process)
+        self._curv.driver.distributor.average([loss], self._curv.examples)
+        rel = self.relative_kl_clip * loss.abs()
         rel = torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel))
         return rel if bound is None else rel.clamp(max=bound)
 
