@@ -194,6 +194,25 @@ def test_step_with_weight_decay_and_lr():
         )
 
 
+def _assert_clipped_step(model, before, opt, lr, bound, *, rtol):
+    """Every layer moved by ``-lr ν Δ``, ``ν = min(1, √(bound / (lr² |Σ Δ·M|)))`` (on a first
+    step without momentum ``M`` is the gradient); returns ``ν``."""
+    directions, quad = {}, 0.0
+    for name, module in _modules(model).items():
+        v = layer_grad_vec(module).numpy()
+        directions[name] = opt.inverse_operator(name) @ v
+        quad += float(directions[name] @ v)
+    nu = min(1.0, math.sqrt(bound / (lr**2 * abs(quad))))
+    for name, module in _modules(model).items():
+        np.testing.assert_allclose(
+            _layer_update(module, before[name]).numpy(),
+            -lr * nu * directions[name],
+            rtol=rtol,
+            atol=1e-14,
+        )
+    return nu
+
+
 @pytest.mark.parametrize("kl_clip", [1e-6, 1e6])
 def test_step_with_kl_clip(kl_clip):
     """``ν = min(1, sqrt(kl_clip / (lr² |Σ Δ·M|)))`` over all layers scales every update (on a
@@ -202,21 +221,9 @@ def test_step_with_kl_clip(kl_clip):
     model, X, y = _setup("mlp")
     before = _snapshot(model)
     opt = _one_step(model, X, y, lr=lr, damping=0.1, kl_clip=kl_clip)
-    directions, quad = {}, 0.0
-    for name, module in _modules(model).items():
-        v = layer_grad_vec(module).numpy()
-        directions[name] = opt.inverse_operator(name) @ v
-        quad += float(directions[name] @ v)
-    nu = min(1.0, math.sqrt(kl_clip / (lr**2 * abs(quad))))
+    nu = _assert_clipped_step(model, before, opt, lr, kl_clip, rtol=1e-9)
     if kl_clip < 1:
         assert nu < 1e-2  # the clip is active
-    for name, module in _modules(model).items():
-        np.testing.assert_allclose(
-            _layer_update(module, before[name]).numpy(),
-            -lr * nu * directions[name],
-            rtol=1e-9,
-            atol=1e-14,
-        )
 
 
 @pytest.mark.parametrize(
@@ -239,21 +246,9 @@ def test_step_with_relative_kl_clip(kl_clip, relative):
         return loss
 
     loss = float(opt.step(closure).detach())
-    directions, quad = {}, 0.0
-    for name, module in _modules(model).items():
-        v = layer_grad_vec(module).numpy()
-        directions[name] = opt.inverse_operator(name) @ v
-        quad += float(directions[name] @ v)
     bound = relative * loss if kl_clip is None else min(kl_clip, relative * loss)
-    nu = min(1.0, math.sqrt(bound / (lr**2 * abs(quad))))
+    nu = _assert_clipped_step(model, before, opt, lr, bound, rtol=1e-6)
     assert (nu < 1e-2) == (bound < 1)  # the clip is active exactly when the bound is small
-    for name, module in _modules(model).items():
-        np.testing.assert_allclose(
-            _layer_update(module, before[name]).numpy(),
-            -lr * nu * directions[name],
-            rtol=1e-6,
-            atol=1e-14,
-        )
 
 
 def test_relative_kl_clip_without_a_closure_warns_once_and_falls_back_to_kl_clip():
