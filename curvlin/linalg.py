@@ -252,10 +252,9 @@ def _identity(backend: Backend, m: Array) -> Array:
 def _damped(backend: Backend, m: Array, damping) -> Array:
     if isinstance(damping, float) and damping == 0.0:
         return m
-    xp = backend.xp
     if not isinstance(damping, float):
-        damping = xp.astype(damping, m.dtype)[..., None, None]
-    return m + damping * _identity(backend, m)
+        damping = backend.xp.astype(damping, m.dtype)
+    return backend.add_diagonal(m, damping)
 
 
 def _symmetrize(backend: Backend, m: Array) -> Array:

@@ -197,33 +197,75 @@ class LinearTerms:
         return self._grads
 
     def kernel(self) -> Array:
-        """``U_lᵀ U_l``, shape (m·k, m·k), exactly symmetric."""
+        """``U_lᵀ U_l``, shape (m·k, m·k), exactly symmetric, in a new array."""
         xp, a, d = self._xp, self._a, self._d
         k, m, t = self._k, self.n_examples, self._t
-        if self.method == "per_example":
-            g = self.per_example_grads()
-            out = g @ xp.matrix_transpose(g)
-            return 0.5 * (out + xp.matrix_transpose(out))
         backend = get_backend(a)
+        if self.method == "per_example":
+            return backend.gram(xp.matrix_transpose(self.per_example_grads()))
+        part = self._hadamard_part()
+        if part is not None:
+            return backend.hadamard_kernel([part])
         if t == 1:
-            a2 = a[:, 0, :]
-            aa = a2 @ xp.matrix_transpose(a2)
+            # the Gram matrices through the backend's symmetric product (half a GEMM's flops
+            # where the library allows; fresh arrays, so the products are taken in place)
+            aa = backend.gram(xp.matrix_transpose(a[:, 0, :]))
             if self.bias:
-                aa = aa + 1.0
-            if k == 1:
-                d2 = d[0, :, 0, :]
-                return (d2 @ xp.matrix_transpose(d2)) * aa
-            dd = backend.einsum("anj,bkj->nakb", d[:, :, 0, :], d[:, :, 0, :])
-            return xp.reshape(dd * aa[:, None, :, None], (self.rows, self.rows))
-        flat_a = xp.reshape(a, (m * t, -1))
-        aa = xp.reshape(flat_a @ xp.matrix_transpose(flat_a), (m, t, m, t))
+                aa += 1.0
+            rows = xp.reshape(xp.permute_dims(d[:, :, 0, :], (1, 0, 2)), (self.rows, -1))
+            dd = xp.reshape(backend.gram(xp.matrix_transpose(rows)), (m, k, m, k))
+            dd *= aa[:, None, :, None]
+            return xp.reshape(dd, (self.rows, self.rows))
+        aa = xp.reshape(backend.gram(xp.matrix_transpose(xp.reshape(a, (m * t, -1)))), (m, t, m, t))
         if self.bias:
-            aa = aa + 1.0
-        flat_d = xp.reshape(d, (k * m * t, -1))
-        dd = xp.reshape(flat_d @ xp.matrix_transpose(flat_d), (k, m, t, k, m, t))
+            aa += 1.0
+        flat_d = xp.matrix_transpose(xp.reshape(d, (k * m * t, -1)))
+        dd = xp.reshape(backend.gram(flat_d), (k, m, t, k, m, t))
         out = backend.einsum("antbks,ntks->nakb", dd, aa)
         out = xp.reshape(out, (self.rows, self.rows))
         return 0.5 * (out + xp.matrix_transpose(out))
+
+    def _hadamard_part(self):
+        """This layer as a part of :meth:`Backend.hadamard_kernel` (one row per example, one
+        output direction), or None."""
+        if self._t != 1 or self._k != 1 or self.method == "per_example":
+            return None
+        return self._a[:, 0, :], self._d[0, :, 0, :], 1.0 if self.bias else 0.0
+
+    @staticmethod
+    def kernel_sum(terms) -> Array:
+        """``Σ_l U_lᵀ U_l`` over several layers' terms (the same examples), in a new array.
+
+        The Linear layers' kernels (one row per example, no output directions) are summed in
+        one :meth:`Backend.hadamard_kernel <curvlin.backends.Backend.hadamard_kernel>` (on the
+        torch CPU backend: without an m × m temporary per layer), the others added to it.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlin import LinearTerms, linear_terms
+        >>> rng = np.random.default_rng(0)
+        >>> terms = [linear_terms(rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
+        ...          for _ in range(2)]
+        >>> total = LinearTerms.kernel_sum(terms)
+        >>> bool(np.allclose(total, terms[0].kernel() + terms[1].kernel()))
+        True
+        """
+        terms = list(terms)
+        if not terms:
+            raise ValueError("LinearTerms.kernel_sum: terms must hold at least one layer")
+        parts = [(t, t._hadamard_part()) for t in terms]
+        fused = [p for _, p in parts if p is not None]
+        if len({p[0].dtype for p in fused}) > 1:  # mixed dtypes: each layer on its own
+            fused = []
+        total = get_backend(terms[0]._a).hadamard_kernel(fused) if fused else None
+        for t, p in parts:
+            if p is None or not fused:
+                if total is None:
+                    total = t.kernel()
+                else:
+                    total += t.kernel()
+        return total
 
     def jvp(self, v: Array, /) -> Array:
         """``U_lᵀ vec(v)``, shape (m·k,), for ``v`` of shape (d_out, d_a)."""
@@ -251,6 +293,14 @@ class LinearTerms:
             return xp.reshape(c @ self._grads, self.shape)
         a, d = self._a, self._d
         k, m, t = self._k, self.n_examples, self._t
+        if k == 1 and t == 1:  # Dᵀ diag(c) A, the weights on the narrower of D and A
+            a, d = a[:, 0, :], d[0, :, 0, :]
+            dt = xp.matrix_transpose(d)
+            if a.shape[1] <= d.shape[1]:
+                wa = dt @ (a * c[:, None])
+            else:
+                wa = xp.matrix_transpose(d * c[:, None]) @ a
+            return xp.concat([wa, (dt @ c)[:, None]], axis=1) if self.bias else wa
         weights = xp.matrix_transpose(xp.reshape(c, (m, k)))  # (k, m)
         w = xp.reshape(xp.sum(d * weights[:, :, None, None], axis=0), (m * t, -1))
         wa = xp.matrix_transpose(w) @ xp.reshape(a, (m * t, -1))

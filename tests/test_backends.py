@@ -320,6 +320,53 @@ def test_gram_is_scaled_symmetric_xtx(xp, to_xp, to_np, impl, rng, shape, dtype)
     assert_close(out, 0.25 * (x.T @ x), rtol=rtol, what="gram")
 
 
+# torch's CPU kernel: one block row of 128 (m = 5), three with a partial last one (m = 300)
+@pytest.mark.parametrize("m", [5, 300])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_hadamard_kernel_sums_symmetric_layer_kernels(xp, to_xp, to_np, impl, rng, m, dtype):
+    shapes = [(7, 3, 1.0), (1, 40, 0.0), (260, 2, 1.0)]  # (p, q, shift): wide, one column, tall
+    parts = [(rng.standard_normal((m, p)), rng.standard_normal((m, q)), s) for p, q, s in shapes]
+    ref = sum((a @ a.T + s) * (d @ d.T) for a, d, s in parts)
+    moved = [(to_xp(a, dtype), to_xp(d, dtype), s) for a, d, s in parts]
+    out = impl(moved[0][0]).hadamard_kernel(moved)
+    assert out.dtype == getattr(xp, dtype)
+    assert tuple(out.shape) == (m, m)
+    host = to_np(out)
+    np.testing.assert_array_equal(host, host.T)
+    rtol = {"float64": 1e-12, "float32": 1e-5}[dtype]
+    assert_close(out, ref, rtol=rtol, what="hadamard_kernel")
+    for (a, d, _), (ma, md, _) in zip(parts, moved):  # the inputs are untouched
+        np.testing.assert_array_equal(to_np(ma), a.astype(dtype))
+        np.testing.assert_array_equal(to_np(md), d.astype(dtype))
+
+
+def test_hadamard_kernel_needs_a_part(xp, impl):
+    with pytest.raises(ValueError, match="at least one"):
+        impl(xp.zeros(1)).hadamard_kernel([])
+
+
+@pytest.mark.parametrize(
+    ("stack", "value"),
+    [((), 0.25), ((3,), 0.25), ((3,), "per-matrix"), ((), "broadcast")],
+    ids=["one", "stack", "per-matrix", "broadcast"],
+)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_add_diagonal_matches_plus_identity(xp, to_xp, to_np, impl, rng, stack, value, dtype):
+    m = rng.standard_normal((*stack, 4, 4))
+    v = {"per-matrix": rng.random(3), "broadcast": rng.random(2)}.get(value, value)
+    moved = to_xp(m, dtype)
+    vv = v if isinstance(v, float) else to_xp(v, dtype)
+    out = impl(moved).add_diagonal(moved, vv)
+    plain = moved + (vv if isinstance(vv, float) else vv[..., None, None]) * xp.eye(
+        4, dtype=moved.dtype
+    )
+    assert out.dtype == getattr(xp, dtype)
+    assert tuple(out.shape) == tuple(plain.shape)
+    # the same bits as ``m + value·I``, and ``m`` itself untouched
+    np.testing.assert_array_equal(to_np(out), to_np(plain))
+    np.testing.assert_array_equal(to_np(moved), m.astype(dtype))
+
+
 @pytest.mark.parametrize("decay", [0.9, 0.0, None], ids=["ema", "replace", "sum"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_ema_in_place_updates_old_only(xp, to_xp, to_np, impl, rng, decay, dtype):

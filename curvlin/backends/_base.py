@@ -94,6 +94,28 @@ class Backend:
         inv = xp.linalg.matrix_transpose(linv) @ linv
         return 0.5 * (inv + xp.linalg.matrix_transpose(inv))  # GEMM rounding is not symmetric
 
+    def add_diagonal(self, m: Array, value, /) -> Array:
+        """``m + value·I`` in a new array, for matrices ``m`` of shape (..., n, n).
+
+        ``value`` is a float or an array of the stack's shape (one value per matrix). The
+        off-diagonal entries are ``m``'s own bits. Native backends copy ``m`` once and add
+        to its diagonal in place, without the identity matrix and its product.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlin.backends import get_backend
+        >>> m = np.ones((2, 2))
+        >>> get_backend(m).add_diagonal(m, 0.5), m
+        (array([[1.5, 1. ],
+               [1. , 1.5]]), array([[1., 1.],
+               [1., 1.]]))
+        """
+        xp = self.xp
+        if not isinstance(value, float):
+            value = value[..., None, None]
+        return m + value * xp.eye(m.shape[-1], dtype=m.dtype, device=_device(m))
+
     # -- in-place updates ----------------------------------------------------------------
     def ema_(self, old: Array, new: Array, decay: float | None, /) -> Array:
         """``old ← decay · old + (1 − decay) · new`` in place (``decay=None``: ``old += new``).
@@ -139,6 +161,39 @@ class Backend:
         xp = self.xp
         product = xp.matrix_transpose(x) @ x
         return scale * 0.5 * (product + xp.matrix_transpose(product))
+
+    def hadamard_kernel(self, parts, /) -> Array:
+        """``Σ (a aᵀ + s) ∘ (d dᵀ)`` over ``parts``: the summed kernels of Linear layers.
+
+        Each part is a triple ``(a, d, s)`` of row matrices ``a`` (m, p) and ``d`` (m, q), the
+        same ``m`` rows in every part, and a float ``s`` (1.0 for a layer with a bias, whose
+        inputs get a homogeneous 1; :mod:`curvlin.woodbury`). The result is a new (m, m)
+        array, exactly symmetric. Native backends compute only the lower triangle (torch on
+        the CPU: in block rows, without an m × m temporary per layer).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlin.backends import get_backend
+        >>> a, d = np.array([[1.0], [2.0]]), np.array([[1.0], [-1.0]])
+        >>> get_backend(a).hadamard_kernel([(a, d, 1.0)])
+        array([[ 2., -3.],
+               [-3.,  5.]])
+        """
+        xp, out = self.xp, None
+        for a, d, shift in parts:
+            aa = self.gram(xp.matrix_transpose(a))
+            if shift:
+                aa += shift
+            dd = self.gram(xp.matrix_transpose(d))
+            dd *= aa
+            if out is None:
+                out = dd
+            else:
+                out += dd
+        if out is None:
+            raise ValueError("hadamard_kernel: parts must hold at least one (a, d, s) triple")
+        return out
 
     def einsum(self, subscripts: str, /, *operands: Array) -> Array:
         """Einstein summation over explicit subscripts (``"ij,jk->ik"``; no ellipsis).

@@ -75,6 +75,14 @@ class NumPyBackend(Backend):
         np.einsum("...ii->...i", inverse)[...] *= 0.5
         return inverse
 
+    def add_diagonal(self, m, value, /):
+        if not isinstance(value, float):  # one value per matrix (the stack may broadcast)
+            m = np.broadcast_to(m, (*np.broadcast_shapes(m.shape[:-2], value.shape), *m.shape[-2:]))
+            value = value[..., None]
+        out = np.array(m, copy=True)
+        np.einsum("...ii->...i", out)[...] += value
+        return out
+
     def gram(self, x, /, *, scale=1.0):
         # NumPy's matmul recognises ``x.T @ x`` (one buffer, transposed) and calls BLAS
         # ``syrk``, which computes one triangle (half a GEMM's flops) and mirrors it.

@@ -40,6 +40,14 @@ class TorchBackend(Backend):
             return inv.add_(inv.mT.clone()).mul_(0.5)  # GEMM rounding is not symmetric
         return torch.cholesky_inverse(factor)  # LAPACK potri: exactly symmetric
 
+    def add_diagonal(self, m, value, /):
+        if not isinstance(value, float):  # one value per matrix (the stack may broadcast)
+            stack = self._torch.broadcast_shapes(m.shape[:-2], value.shape)
+            m, value = m.expand(*stack, *m.shape[-2:]), value[..., None]
+        out = m.clone(memory_format=self._torch.contiguous_format)
+        out.diagonal(dim1=-2, dim2=-1).add_(value)
+        return out
+
     def gram(self, x, /, *, scale=1.0):
         torch = self._torch
         if x.device.type == "cpu":
@@ -48,6 +56,32 @@ class TorchBackend(Backend):
             return out.mul_(scale)
         product = torch.mm(x.mT, x)  # one GEMM launch on a GPU, mirrored to exact symmetry
         return product.add_(product.mT.clone()).mul_(0.5 * scale)
+
+    def hadamard_kernel(self, parts, /):
+        torch, parts = self._torch, list(parts)
+        first = parts[0][0] if parts else None
+        if first is None or any(
+            x.device.type != "cpu" or x.requires_grad or x.dtype != first.dtype
+            for a, d, _ in parts
+            for x in (a, d)
+        ):
+            return super().hadamard_kernel(parts)  # on a GPU: whole GEMMs
+        m, b = first.shape[0], _GRAM_BLOCK
+        out = first.new_zeros((m, m))
+        # one scratch block row for each Gram, reused by every block row of every layer
+        scratch_a, scratch_d = first.new_empty(b * m), first.new_empty(b * m)
+        for a, d, shift in parts:
+            for s in range(0, m, b):
+                e = min(m, s + b)
+                aa = scratch_a[: (e - s) * e].view(e - s, e)
+                dd = scratch_d[: (e - s) * e].view(e - s, e)
+                torch.mm(a[s:e], a[:e].mT, out=aa)
+                if shift:
+                    aa.add_(shift)
+                torch.mm(d[s:e], d[:e].mT, out=dd)
+                out[s:e, :e].addcmul_(aa, dd)
+        _mirror_lower(out, b)
+        return out
 
     def ema_(self, old, new, decay, /):
         if decay is None:
@@ -107,6 +141,13 @@ def _lower_gram(torch, x, out) -> None:
         for s in range(0, n, b):
             e = min(n, s + b)
             torch.mm(x[:, s:e].mT, x[:, :e], out=out[s:e, :e])
+    _mirror_lower(out, b)
+
+
+def _mirror_lower(out, b) -> None:
+    """Copy the lower triangle of the square ``out`` onto its upper one, in blocks of ``b``
+    (each diagonal block to its own upper half): exactly symmetric, in place."""
+    n = out.shape[0]
     for s in range(0, n, b):
         e = min(n, s + b)
         out[:s, s:e] = out[s:e, :s].mT

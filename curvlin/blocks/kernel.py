@@ -220,7 +220,7 @@ def kernel_solve(parts, /, *, damping) -> list[Array]:
         )
     xp = get_backend(parts[0][2]).xp
     grads = [xp.astype(g, t.dtype, copy=False) for t, (_, _, g) in zip(terms, parts)]
-    kernel = sum(t.kernel() for t in terms)
+    kernel = LinearTerms.kernel_sum(terms)
     rhs = sum(t.jvp(g) for t, g in zip(terms, grads))
     c = woodbury_coefficients(kernel, rhs, damping=damping, n_examples=m)
     lam = float(damping)
