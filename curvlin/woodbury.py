@@ -254,17 +254,17 @@ class LinearTerms:
         terms = list(terms)
         if not terms:
             raise ValueError("LinearTerms.kernel_sum: terms must hold at least one layer")
-        parts = [(t, t._hadamard_part()) for t in terms]
-        fused = [p for _, p in parts if p is not None]
-        if len({p[0].dtype for p in fused}) > 1:  # mixed dtypes: each layer on its own
-            fused = []
+        if len({t.dtype for t in terms}) > 1:  # mixed dtypes: promoted, layer by layer
+            return sum(t.kernel() for t in terms)
+        parts = [t._hadamard_part() for t in terms]
+        fused = [p for p in parts if p is not None]
         total = get_backend(terms[0]._a).hadamard_kernel(fused) if fused else None
-        for t, p in parts:
-            if p is None or not fused:
+        for t, part in zip(terms, parts):
+            if part is None:
                 if total is None:
                     total = t.kernel()
                 else:
-                    total += t.kernel()
+                    total += t.kernel()  # a new array each: summed in place
         return total
 
     def jvp(self, v: Array, /) -> Array:

@@ -340,9 +340,13 @@ def test_hadamard_kernel_sums_symmetric_layer_kernels(xp, to_xp, to_np, impl, rn
         np.testing.assert_array_equal(to_np(md), d.astype(dtype))
 
 
-def test_hadamard_kernel_needs_a_part(xp, impl):
+def test_hadamard_kernel_needs_parts_of_the_same_rows(xp, impl):
+    backend = impl(xp.zeros(1))
     with pytest.raises(ValueError, match="at least one"):
-        impl(xp.zeros(1)).hadamard_kernel([])
+        backend.hadamard_kernel([])
+    rows = (xp.ones((3, 2)), xp.ones((3, 1)), 1.0)
+    with pytest.raises(ValueError, match=r"part 1 must hold two matrices of 3 rows"):
+        backend.hadamard_kernel([rows, (xp.ones((3, 2)), xp.ones((4, 1)), 0.0)])
 
 
 @pytest.mark.parametrize(

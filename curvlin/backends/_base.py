@@ -181,7 +181,7 @@ class Backend:
                [-3.,  5.]])
         """
         xp, out = self.xp, None
-        for a, d, shift in parts:
+        for a, d, shift in _checked_parts(parts):
             aa = self.gram(xp.matrix_transpose(a))
             if shift:
                 aa += shift
@@ -191,8 +191,6 @@ class Backend:
                 out = dd
             else:
                 out += dd
-        if out is None:
-            raise ValueError("hadamard_kernel: parts must hold at least one (a, d, s) triple")
         return out
 
     def einsum(self, subscripts: str, /, *operands: Array) -> Array:
@@ -210,6 +208,22 @@ class Backend:
     def to_numpy(self, x: Array) -> np.ndarray:
         """Copy ``x`` to a NumPy array on the host (for tests, references and reports)."""
         return np.from_dlpack(x)
+
+
+def _checked_parts(parts) -> list:
+    """The ``(a, d, s)`` triples of :meth:`Backend.hadamard_kernel`, as a list, checked for
+    matrices with the same number of rows."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("hadamard_kernel: parts must hold at least one (a, d, s) triple")
+    m = parts[0][0].shape[0]
+    for i, (a, d, _) in enumerate(parts):
+        if a.ndim != 2 or d.ndim != 2 or a.shape[0] != m or d.shape[0] != m:
+            raise ValueError(
+                f"hadamard_kernel: part {i} must hold two matrices of {m} rows, got shapes "
+                f"{tuple(a.shape)} and {tuple(d.shape)}"
+            )
+    return parts
 
 
 def _device(x: Array):

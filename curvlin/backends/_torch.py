@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Backend
+from ._base import Backend, _checked_parts
 
 
 class TorchBackend(Backend):
@@ -58,9 +58,9 @@ class TorchBackend(Backend):
         return product.add_(product.mT.clone()).mul_(0.5 * scale)
 
     def hadamard_kernel(self, parts, /):
-        torch, parts = self._torch, list(parts)
-        first = parts[0][0] if parts else None
-        if first is None or any(
+        torch, parts = self._torch, _checked_parts(parts)
+        first = parts[0][0]
+        if any(
             x.device.type != "cpu" or x.requires_grad or x.dtype != first.dtype
             for a, d, _ in parts
             for x in (a, d)
