@@ -40,9 +40,9 @@ CONFIGS = {
     "smw-ng-best": (
         "SMWNG",
         {
-            "lr": 0.05,
-            "damping": 0.03,
-            "momentum": 0.9,
+            "lr": 0.1,
+            "damping": 0.01,
+            "momentum": 0.8,
             "momentum_form": "direction",
             "fisher": "empirical",
         },
