@@ -65,7 +65,8 @@ class TorchBackend(Backend):
             for a, d, _ in parts
             for x in (a, d)
         ):
-            return super().hadamard_kernel(parts)  # on a GPU: whole GEMMs
+            # a GPU (whole GEMMs), autograd (no ``out=``), mixed dtypes: the generic sum
+            return super().hadamard_kernel(parts)
         m, b = first.shape[0], _GRAM_BLOCK
         out = first.new_zeros((m, m))
         # one scratch block row for each Gram, reused by every block row of every layer
@@ -135,8 +136,6 @@ def _lower_gram(torch, x, out) -> None:
         return
     elif n <= 2 * b:  # one GEMM: blocks would cost more in calls than they save in flops
         torch.mm(x.mT, x, out=out)
-        out.copy_(out.tril() + out.tril(-1).mT)
-        return
     else:
         for s in range(0, n, b):
             e = min(n, s + b)
