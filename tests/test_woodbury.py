@@ -106,6 +106,49 @@ def test_terms_match_per_example_gradients(xp, to_xp, to_np, rng, bias, m, t, k)
             np.testing.assert_allclose(to_np(got), u.T @ u, **TOL)
 
 
+def test_kernel_sum_of_mixed_layers_matches_dense(xp, to_xp, to_np, rng):
+    """``LinearTerms.kernel_sum``: Linear layers (through ``Backend.hadamard_kernel``, with and
+    without a bias, wider and narrower outputs) and a patch layer, summed, == Σ UᵀU; Jᵀ·u for
+    the narrow-input layer (the other weighting of ``Dᵀ diag(c) A``) against dense."""
+    m = 6
+    layers = [
+        ((m, 1, 2), (m, 1, 5), True),
+        ((m, 1, 4), (m, 1, 3), False),
+        ((m, 3, 2), (m, 3, 2), True),
+    ]
+    terms, dense = [], 0.0
+    for a_shape, d_shape, bias in layers:
+        a, delta = rng.standard_normal(a_shape), rng.standard_normal(d_shape)
+        u = _dense_u(a, delta[None], bias)
+        dense = dense + u.T @ u
+        squeeze = a_shape[1] == 1
+        terms.append(
+            linear_terms(
+                to_xp(a[:, 0] if squeeze else a),
+                to_xp(delta[:, 0] if squeeze else delta),
+                bias=bias,
+            )
+        )
+        if squeeze and bias:  # d_in 2 <= d_out 5: the weights go on A
+            c = rng.standard_normal(m)
+            np.testing.assert_allclose(to_np(terms[-1].vjp(to_xp(c))).ravel(), u @ c, **TOL)
+    total = curvlin.LinearTerms.kernel_sum(terms)
+    host = to_np(total)
+    np.testing.assert_array_equal(host, host.T)
+    np.testing.assert_allclose(host, dense, **TOL)
+    with pytest.raises(ValueError, match="at least one layer"):
+        curvlin.LinearTerms.kernel_sum([])
+
+
+def test_kernel_sum_promotes_mixed_dtypes(rng):
+    a, d = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    low = linear_terms(a.astype(np.float32), d.astype(np.float32))
+    high = linear_terms(a, d)
+    total = curvlin.LinearTerms.kernel_sum([low, high])
+    assert total.dtype == np.float64
+    np.testing.assert_allclose(total, low.kernel() + high.kernel(), rtol=1e-6)
+
+
 def test_linear_gram_is_hadamard(rng):
     a, d = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
     np.testing.assert_allclose(linear_gram(a, d), (d @ d.T) * (a @ a.T + 1), **TOL)
