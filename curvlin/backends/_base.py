@@ -122,7 +122,10 @@ class Backend:
 
         Returns ``old``; ``new`` (same shape and dtype) is unchanged. For a running average
         whose previous value nobody reads again: one temporary ``(1 − decay) · new`` instead of
-        three new arrays, and the same bits as ``decay · old + (1 − decay) · new``.
+        three new arrays. The torch backend interpolates in one pass, ``old + (1 − decay) ·
+        (new − old)`` (``Tensor.lerp_``), with no temporary at all; the rounding differs from
+        the two products' by an ulp. :func:`curvlin.blocks.ema` runs this on a copy when
+        ``old`` must be kept, so a fold in place and one out of place give the same bits.
 
         Examples
         --------

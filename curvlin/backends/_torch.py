@@ -87,9 +87,7 @@ class TorchBackend(Backend):
     def ema_(self, old, new, decay, /):
         if decay is None:
             return old.add_(new)
-        # (1 − decay)·new rounded on its own, as the out-of-place EMA rounds it: the fused
-        # add_(new, alpha=1 − decay) rounds otherwise, which tipped the demo's TNT into NaN
-        return old.mul_(decay).add_(new * (1.0 - decay))
+        return old.lerp_(new, 1.0 - decay)  # one pass over both, no temporary
 
     def einsum(self, subscripts, /, *operands):
         return self._torch.einsum(subscripts, *operands)

@@ -184,9 +184,10 @@ def ema(old: Array, new: Array, decay: float | None, /, *, overwrite: bool = Fal
     running sum ``old + new``), in a new array, or with ``overwrite`` written into ``old``.
 
     What a :meth:`Block.fold` called with ``overwrite=True`` uses: the previous factor is read
-    by nobody again, so the result needs one temporary instead of three new arrays
-    (:meth:`Backend.ema_ <curvlin.backends.Backend.ema_>`), with the same bits. ``new`` is
-    never changed.
+    by nobody again, so it is updated in place (:meth:`Backend.ema_
+    <curvlin.backends.Backend.ema_>`: one pass on torch, no temporary). Without
+    ``overwrite`` the same update runs on a copy of ``old``, so both give the same bits.
+    ``new`` is never changed.
 
     Examples
     --------
@@ -198,9 +199,10 @@ def ema(old: Array, new: Array, decay: float | None, /, *, overwrite: bool = Fal
     >>> ema(old, np.ones(2), 0.9, overwrite=True) is old, old
     (True, array([0.1, 0.1]))
     """
-    if overwrite:
-        return get_backend(old).ema_(old, new, decay)
-    return old + new if decay is None else decay * old + (1.0 - decay) * new
+    backend = get_backend(old)
+    if not overwrite:
+        old = backend.xp.asarray(old, copy=True)
+    return backend.ema_(old, new, decay)
 
 
 class Block:
