@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._methods import SETTINGS, build, parse_names, settings
+from ._methods import SETTINGS, build, parse_names, settings, warmup_schedule
 
 #: Layer widths of each problem's encoder (the decoder mirrors it); ReLU between layers, none
 #: after the code layer and the output layer.
@@ -176,6 +176,7 @@ def train(
             name, model, loss="bce_with_logits", loss_reduction="batchmean", problem=problem
         )
         sampled = SETTINGS[name].sampled
+        warmup = warmup_schedule(opt, settings(problem)[name].warmup)
         bar = tqdm(
             range(1, iterations + 1), desc=f"{name:<13}", unit="it", leave=True,
             disable=not progress, mininterval=0.5, file=sys.stdout,
@@ -187,6 +188,8 @@ def train(
                 perm, lo = torch.as_tensor(order.permutation(n), device=data.device), 0
             batch = data[perm[lo : lo + batch_size]]
             loss = opt.step(make_closure(opt, model, batch, sampled))
+            if warmup is not None:
+                warmup.step()
             run.losses.append(loss.item())  # the demo's one host sync per step, for the record
             run.seconds.append(time.perf_counter() - start)
             run.iterations.append(it)
@@ -404,7 +407,8 @@ def run_demo(args) -> int:
     runs = []
     tuned = settings(args.problem)
     for name in names:
-        print(f"{name}: {tuned[name].kind} {tuned[name].options}")
+        warmup = f", lr warm-up over {tuned[name].warmup} steps" if tuned[name].warmup else ""
+        print(f"{name}: {tuned[name].kind} {tuned[name].options}{warmup}")
         runs.append(
             train(
                 name, data, test, sizes=sizes, iterations=args.iterations, batch_size=batch,

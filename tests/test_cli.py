@@ -153,7 +153,8 @@ def test_settings_per_problem_override_only_their_options():
         assert list(per_problem) == list(SETTINGS)
         for name, setting in per_problem.items():
             changed = {k for k, v in setting.options.items() if SETTINGS[name].options[k] != v}
-            assert changed == set(tuned.get(name, {})), (problem, name)
+            assert changed == set(tuned.get(name, {})) - {"warmup"}, (problem, name)
+            assert setting.warmup == tuned.get(name, {}).get("warmup", SETTINGS[name].warmup)
             assert (setting.kind, setting.sampled, setting.baseline) == (
                 SETTINGS[name].kind, SETTINGS[name].sampled, SETTINGS[name].baseline
             )  # fmt: skip
@@ -161,6 +162,26 @@ def test_settings_per_problem_override_only_their_options():
     assert SETTINGS["KFAC"].options["lr"] == 1.0  # the table itself is left alone
     with pytest.raises(ValueError, match="unknown problem 'cifar'"):
         settings("cifar")
+
+
+def test_warmup_schedule_ramps_lr_linearly_then_holds():
+    import torch
+
+    from curvlin._methods import warmup_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.03)
+    assert warmup_schedule(opt, 0) is None
+    assert warmup_schedule(opt, 1) is None
+    sched = warmup_schedule(opt, 4)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])  # the lr step k runs at
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(seen, [0.03 * k / 4 for k in (1, 2, 3, 4)] + [0.03, 0.03])
+    assert SETTINGS["K-BFGS(L)"].warmup == 50
+    assert settings("digits")["K-BFGS(L)"].warmup == 0
 
 
 def test_settings_merge_nested_options_key_by_key(monkeypatch):
