@@ -33,7 +33,7 @@ CONFIGS = {
     "kbfgs-adaptive": ("KBFGS", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
     "kbfgsl-best": ("KBFGSL", {"lr": 0.3, "damping": 0.1}),
     "kbfgsl-adaptive": ("KBFGSL", {"lr": 0.1, "damping": 0.1, "adaptive_damping": True}),
-    "tnt-best": ("TNT", {"lr": 0.03, "damping": 0.1, "loss": "mse", "loss_reduction": "batchmean"}),
+    "tnt-best": ("TNT", {"lr": 0.1, "damping": 0.1, "loss": "mse", "loss_reduction": "batchmean"}),
     "shampoo-best": ("Shampoo", {"lr": 0.01, "damping": 1e-3}),
     "mbf-default": ("MBF", {}),
     "mbf-best": ("MBF", {"lr": 1e-3, "damping": 1e-4}),

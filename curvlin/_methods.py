@@ -81,6 +81,8 @@ SETTINGS = {
             "momentum": 0.9,
             "fisher": "mc",
             "kl_clip": 0.03,  # without it, inverses every 2 steps end in NaN on CURVES
+            # the smaller bound at every loss above 3; the class default's relative one is off
+            "relative_kl_clip": None,
             "stats_every": 3,
             "refresh_every": 6,
         },

@@ -4,6 +4,8 @@ block on random tokens without any ``unsupported=`` option."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _torch_models import cnn, mlp, one_thread
@@ -49,6 +51,46 @@ def test_tnt_statistics_are_the_mode_covariances_of_the_sampled_gradient(reducti
         for f, c in zip(state.factors, _unfold_covs((ref / n).reshape(modes))):
             c = c * n  # per-example scale: N · G̃G̃ᵀ estimates the mean per-example Fisher
             torch.testing.assert_close(f, c, rtol=1e-10, atol=1e-14)
+
+
+def _tnt_step(opt, model, x, t, *, closure):
+    def run():
+        opt.zero_grad()
+        out = model(x)
+        opt.backward_fisher(out)
+        loss = F.mse_loss(out, t)
+        loss.backward()
+        return loss
+
+    if closure:
+        return opt.step(run)
+    run()
+    return opt.step()
+
+
+def test_tnt_default_relative_clip_bounds_closure_steps_and_is_silent_in_a_plain_loop():
+    """TNT's default ``relative_kl_clip=1e-2`` clips a step given the closure's loss; a plain
+    loop has no loss and runs unclipped without a warning, which a value set by the user
+    does give."""
+    x, t = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+    runs = {}
+    for name, options in {"default": {}, "off": {"relative_kl_clip": None}}.items():
+        model = mlp()
+        opt = TNT(model, lr=1.0, momentum=0.0, loss="mse", **options)
+        _tnt_step(opt, model, x, t, closure=True)
+        runs[name] = torch.cat([p.detach().ravel() for p in model.parameters()])
+    start = torch.cat([p.detach().ravel() for p in mlp().parameters()])
+    # lr 1 on a fresh model: the default bound shortens the step
+    assert (runs["default"] - start).norm() < 0.5 * (runs["off"] - start).norm()
+    assert TNT(mlp(), loss="mse").relative_kl_clip == TNT.default_relative_kl_clip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = mlp()
+        _tnt_step(TNT(model, loss="mse"), model, x, t, closure=False)
+    model = mlp()
+    opt = TNT(model, loss="mse", relative_kl_clip=0.01)  # set by the user: warned about
+    with pytest.warns(UserWarning, match="relative_kl_clip bounds the step by the loss"):
+        _tnt_step(opt, model, x, t, closure=False)
 
 
 def test_shampoo_statistics_are_the_gradients_own_and_need_no_hooks():

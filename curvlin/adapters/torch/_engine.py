@@ -1400,9 +1400,10 @@ COMMON_DOC = """
         sides grow alike when the loss is summed over more outputs (the Fisher with the
         loss), and the bound shrinks with the loss: once a batch is fitted, a collapsing
         curvature cannot throw it off. It is tight wherever the loss is small in absolute
-        terms (a mean-reduced loss), so it is off by default (``docs/benchmarks.md``, "Fitting
-        one batch"). Needs ``opt.step(closure)``: without a closure the loss is unknown, a
-        ``UserWarning`` says so once, and only ``kl_clip`` bounds the step. A NaN or infinite
+        terms (a mean-reduced loss), so it is off by default but for TNT (``1e-2``;
+        ``docs/benchmarks.md``, "Fitting one batch"). Needs ``opt.step(closure)``: without a
+        closure the loss is unknown, a ``UserWarning`` says so once (not for TNT's default),
+        and only ``kl_clip`` bounds the step. A NaN or infinite
         loss stops the step (``ν = 0``).
     adaptive_damping : bool
         Adapt the curvature groups' ``damping`` by the Levenberg–Marquardt rule

@@ -79,9 +79,11 @@ class TNT(CurvatureOptimizer):
     Notes
     -----
     The loop calls :meth:`backward_fisher` on the model's output before ``loss.backward()``
-    (a no-op on steps without statistics); no hook is registered. The statistics are
-    ``N · G̃_(i) G̃_(i)ᵀ`` for a batch of ``N`` (``N`` = 1 for a summed loss), so ``⊗U_i``
-    estimates the mean per-example Fisher, the scale of KFAC's factors; the paper's
+    (a no-op on steps without statistics); no hook is registered. The default step bound,
+    ``relative_kl_clip=1e-2``, reads the loss ``opt.step(closure)`` returns; a plain
+    ``opt.step()`` loop runs without it (silently, unless you set the value yourself). The
+    statistics are ``N · G̃_(i) G̃_(i)ᵀ`` for a batch of ``N`` (``N`` = 1 for a summed loss),
+    so ``⊗U_i`` estimates the mean per-example Fisher, the scale of KFAC's factors; the paper's
     ``G̃_(i) G̃_(i)ᵀ`` puts the batch size into ``damping`` and ``lr``. With
     ``fisher="empirical"`` the engine does not know ``N`` and the statistics are the
     paper's. Cost per parameter: memory ``2 Σ d_i²``; statistics
@@ -117,10 +119,14 @@ class TNT(CurvatureOptimizer):
     """
 
     default_damping = 0.1
+    #: The default loss-relative step bound (``docs/benchmarks.md``, "Fitting one batch"): it
+    #: keeps TNT bounded once a batch is fitted and costs nothing on the digits protocol.
+    default_relative_kl_clip = 1e-2
 
     def __init__(self, params, lr: float = 0.01, damping: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, momentum_form: str = "gradient",
-                 kl_clip: float | None = None, relative_kl_clip: float | None = None,
+                 kl_clip: float | None = None,
+                 relative_kl_clip: float | None = default_relative_kl_clip,
                  adaptive_damping: bool = False, adapt_every: int = 5, decay: float = 0.8,
                  fisher: str = "mc",
                  loss: str | None = None, loss_reduction: str = "mean", conv: str = "filter",
@@ -137,6 +143,9 @@ class TNT(CurvatureOptimizer):
                          adapt_every=adapt_every, stats_every=stats_every,
                          refresh_every=refresh_every, factor_dtype=factor_dtype,
                          **options)  # fmt: skip
+        # The default bound needs the closure's loss; in a plain loop it is off without a
+        # warning (the warning is for a bound the user asked for).
+        self._warned_unbounded = relative_kl_clip is TNT.default_relative_kl_clip
 
     @staticmethod
     def block_factory(*, decay: float = 0.8, fisher: str = "mc", conv: str = "filter",
