@@ -666,6 +666,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     block factory and options; see :class:`Curvature` for the engine options.
     """
 
+    # The front's default relative_kl_clip (None: off), passed as that very object when the
+    # user sets none: then a plain loop (no loss) runs without it and without a warning.
+    default_relative_kl_clip: float | None = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -702,7 +706,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._curv = Curvature(model, make_block, owner=owner, unsupported=unsupported, **options)
         self._owner, self.momentum_form, self.kl_clip = owner, momentum_form, kl_clip
         self.relative_kl_clip = relative_kl_clip
-        self._warned_unbounded = False
+        # a front's own default bound is off in a plain loop (no loss) without a warning; the
+        # warning is for a bound the user asked for
+        default = type(self).default_relative_kl_clip
+        self._warned_unbounded = default is not None and relative_kl_clip is default
         self.adaptive_damping, self.adapt_every = adaptive_damping, adapt_every
         #: ``ρ`` of the last damping adaptation (actual over predicted change), or None.
         self.last_ratio: float | None = None

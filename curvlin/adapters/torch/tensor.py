@@ -143,9 +143,6 @@ class TNT(CurvatureOptimizer):
                          adapt_every=adapt_every, stats_every=stats_every,
                          refresh_every=refresh_every, factor_dtype=factor_dtype,
                          **options)  # fmt: skip
-        # The default bound needs the closure's loss; in a plain loop it is off without a
-        # warning (the warning is for a bound the user asked for).
-        self._warned_unbounded = relative_kl_clip is TNT.default_relative_kl_clip
 
     @staticmethod
     def block_factory(*, decay: float = 0.8, fisher: str = "mc", conv: str = "filter",
