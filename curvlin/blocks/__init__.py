@@ -6,6 +6,9 @@ checkpoints; one module per method holds its block and state. Methods that coupl
 through one m×m kernel use the second protocol, :class:`KernelBlock` and :func:`kernel_solve`.
 """
 
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 from ._schedule import Schedule
 from .base import (
     NEEDS,
@@ -18,21 +21,37 @@ from .base import (
     homogeneous,
     homogeneous_gram,
 )
-from .diagonal import DiagonalFisherBlock, DiagonalFisherState
 from .driver import CHECKPOINT_FORMAT, Distributor, Driver
-from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
 from .kernel import KernelBlock, KernelState, LinearKernelBlock, kernel_solve
-from .kfac import KFACBlock, KFACState
-from .mbf import MBFBlock, MBFState
-from .tensor import (
-    CONV_RESHAPES,
-    GRAFTS,
-    ShampooBlock,
-    TensorBlock,
-    TensorState,
-    TNTBlock,
-    tensor_modes,
-)
+
+if TYPE_CHECKING:
+    from .diagonal import DiagonalFisherBlock, DiagonalFisherState
+    from .kbfgs import KBFGSBlock, KBFGSLBlock, KBFGSState
+    from .kfac import KFACBlock, KFACState
+    from .mbf import MBFBlock, MBFState
+    from .tensor import (
+        CONV_RESHAPES,
+        GRAFTS,
+        ShampooBlock,
+        TensorBlock,
+        TensorState,
+        TNTBlock,
+        tensor_modes,
+    )
+
+# A method's block module is imported when one of its names is first used: a process pays
+# (in memory and import time) only for the methods it runs.
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "diagonal": ["DiagonalFisherBlock", "DiagonalFisherState"],
+        "kbfgs": ["KBFGSBlock", "KBFGSLBlock", "KBFGSState"],
+        "kfac": ["KFACBlock", "KFACState"],
+        "mbf": ["MBFBlock", "MBFState"],
+        "tensor": ["CONV_RESHAPES", "GRAFTS", "ShampooBlock", "TensorBlock", "TensorState",
+                   "TNTBlock", "tensor_modes"],
+    },
+)  # fmt: skip
 
 __all__ = [
     "CHECKPOINT_FORMAT",
