@@ -37,14 +37,15 @@ CONFIGS = {
     "shampoo-best": ("Shampoo", {"lr": 0.01, "damping": 1e-3}),
     "mbf-default": ("MBF", {}),
     "mbf-best": ("MBF", {"lr": 1e-3, "damping": 1e-4}),
-    "smw-ng-best": (
+    "smw-ng-default": ("SMWNG", {"loss": "mse", "loss_reduction": "batchmean"}),
+    "smw-ng-empirical-best": (
         "SMWNG",
         {
             "lr": 0.1,
             "damping": 0.01,
             "momentum": 0.8,
-            "momentum_form": "direction",
             "fisher": "empirical",
+            "kl_clip": None,
         },
     ),
     "smw-gn-default": ("SMWGN", {"loss": "mse", "loss_reduction": "batchmean", "subsample": 32}),

@@ -8,8 +8,11 @@ convolutions, batch 128, cross-entropy; :func:`bench_kfac.build_cnn`). A timed s
 ======================= ==================================================================
 ``sgd``                 ``torch.optim.SGD(momentum=0.9)``: the baseline (and, in the ratio
                         track, a control against a second SGD trainer).
-``smw-ng-<m>``          ``SMWNG(fisher="mc", subsample=m)``: the sampled Fisher's extra
+``smw-ng-<m>``          ``SMWNG(fisher="mc", fisher_samples=1, subsample=m)``: one label per
+                        example (Ren & Goldfarb's and ASDL's), the sampled Fisher's extra
                         backward, ``m × m`` kernel and solve.
+``smw-ng-s<s>-<m>``     The same with ``fisher_samples=s`` (the class default is 4): ``s``
+                        batched backwards and an ``m·s × m·s`` kernel.
 ``smw-ng-ef-<m>``       ``SMWNG(fisher="empirical", subsample=m)`` (ASDL's variant).
 ``smw-gn-<m>``          ``SMWGN(subsample=m)``: ``k`` batched output-direction backwards and
                         an ``m·k × m·k`` solve; on the CNN only (``k = 10``; the
@@ -34,7 +37,8 @@ from . import bench_kfac
 from .bench_kfac import DEVICES, ratio_every_step
 from .common import cached
 
-AUTOENCODER_MODES = ("sgd", "smw-ng-100", "smw-ng-1000", "smw-ng-ef-100", "smw-ng-ef-1000")
+AUTOENCODER_MODES = ("sgd", "smw-ng-100", "smw-ng-1000", "smw-ng-ef-100", "smw-ng-ef-1000",
+                     "smw-ng-s4-100")  # fmt: skip
 CNN_MODES = ("sgd", "smw-ng-32", "smw-ng-128", "smw-ng-ef-128", "smw-gn-32")
 _LR_SGD, _LR_SMW, _DAMPING, _MOMENTUM = 1e-2, 1e-2, 1.0, 0.9
 
@@ -72,9 +76,11 @@ class SMWTrainer:
                       "subsample": int(m), "loss": loss}  # fmt: skip
             if kind == "smw-gn":
                 self.opt = SMWGN(self.model, **common)
+            elif kind == "smw-ng-ef":
+                self.opt = SMWNG(self.model, fisher="empirical", **common)
             else:
-                fisher = "empirical" if kind == "smw-ng-ef" else "mc"
-                self.opt = SMWNG(self.model, fisher=fisher, **common)
+                samples = int(kind.removeprefix("smw-ng-s")) if kind != "smw-ng" else 1
+                self.opt = SMWNG(self.model, fisher="mc", fisher_samples=samples, **common)
             self.extra_backward = self.opt.fisher != "empirical"
         self.sync = torch.cuda.synchronize if self.x.device.type == "cuda" else (lambda: None)
         self.step()

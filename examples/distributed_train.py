@@ -33,7 +33,7 @@ METHODS = {
     "kbfgs": lambda p: KBFGS(p, lr=0.1, damping=0.3, momentum=0.9),
     "diagonal": lambda p: DiagonalFisher(p, lr=0.1, damping=0.1, momentum=0.9),
     "shampoo": lambda p: Shampoo(p, lr=0.1, damping=1e-3, momentum=0.9, graft="adam"),
-    "smw-ng": lambda p: SMWNG(p, lr=0.1, damping=1.0, momentum=0.9),
+    "smw-ng": lambda p: SMWNG(p, lr=0.1, damping=1.0, momentum=0.9, fisher="empirical"),
 }
 
 

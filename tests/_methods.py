@@ -116,7 +116,11 @@ METHODS = [
         sampled=True,
         tiny_damping=1.0,
     ),
-    Method("smw-ng-ef", SMWNG, {**_COMMON, "damping": 0.1, "momentum_form": "gradient"}),
+    Method(
+        "smw-ng-ef",
+        SMWNG,
+        {**_COMMON, "damping": 0.1, "fisher": "empirical", "momentum_form": "gradient"},
+    ),
     Method(
         "smw-gn",
         SMWGN,

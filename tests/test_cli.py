@@ -196,9 +196,10 @@ def test_build_uses_the_problem_settings():
     from torch import nn
 
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 4))
-    opt = build("SMW-NG", model, problem="digits")
-    assert opt.param_groups[0]["lr"] == TUNED["digits"]["SMW-NG"]["lr"]
-    assert opt.param_groups[0]["damping"] == TUNED["digits"]["SMW-NG"]["damping"]
+    opt = build("KFAC", model, loss="mse", problem="digits")
+    assert opt.param_groups[0]["lr"] == TUNED["digits"]["KFAC"]["lr"]
+    assert opt.param_groups[0]["damping"] == TUNED["digits"]["KFAC"]["damping"]
+    assert opt.param_groups[0]["lr"] != SETTINGS["KFAC"].options["lr"]
 
 
 def test_muon_steps_matrices_and_adamw_the_rest():

@@ -5,10 +5,11 @@ random images with random labels, cross-entropy, 200 steps on the same batch, ea
 its class defaults (only the options its loss needs). Before KFAC's default step control
 (``kl_clip=1e-2`` reading ``Δ·M``), KFAC with the sampled Fisher drove the loss to zero and
 then to 4.8·10⁷; TNT, before its default loss-relative clip (``relative_kl_clip=1e-2``),
-reached NaN. SMW-NG (a rise to 56) and the diagonal Fisher (a rise to 492 in its first steps,
-then a dead network at 2.06) still lack a default step control and are not in the list;
-docs/benchmarks.md records them. The diagonal Fisher stays bounded with the loss-relative
-clip (``relative_kl_clip=1e-4``), which is checked too.
+reached NaN; SMW-NG, before its defaults of 2026-12-02 (the sampled Fisher with four labels
+per example, momentum 0.5, ``kl_clip=1e-2``), rose to 56 with the empirical Fisher. The
+diagonal Fisher (a rise to 492 in its first steps, then a dead network at 2.06) still lacks
+a default step control and is not in the list; docs/benchmarks.md records it. It stays
+bounded with the loss-relative clip (``relative_kl_clip=1e-4``), which is checked too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from _torch_models import one_thread
 from torch import nn
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import KBFGS, KBFGSL, KFAC, MBF, SMWGN, TNT, DiagonalFisher, Shampoo
+from curvlin.adapters.torch import (
+    KBFGS,
+    KBFGSL,
+    KFAC,
+    MBF,
+    SMWGN,
+    SMWNG,
+    TNT,
+    DiagonalFisher,
+    Shampoo,
+)
 
 STEPS = 200
 
@@ -34,6 +45,7 @@ METHODS = {
     "shampoo": (Shampoo, {}),
     "tnt": (TNT, {"loss": "cross_entropy"}),
     "mbf": (MBF, {}),
+    "smw-ng": (SMWNG, {"loss": "cross_entropy"}),
     "smw-gn": (SMWGN, {"loss": "cross_entropy", "subsample": 16}),
 }
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn import functional as F
 
-from curvlin.adapters.torch import SMWGN, SMWNG, Preconditioner
+from curvlin.adapters.torch import KFAC, SMWGN, SMWNG, Curvature, Preconditioner
 from curvlin.losses import output_hessian
 
 LOSS_FNS = {
@@ -187,8 +187,8 @@ def test_sampled_natural_gradient_is_the_fisher_of_the_sampled_labels():
     x, y = _data(model, "mse", 5)
     fn = LOSS_FNS[("mse", "batchmean")]
     # one draw: the direction solves (F̂ + λI) d = g with F̂ from the captured sampled δ
-    precond = Preconditioner(model, SMWNG, damping=0.1, fisher="mc", loss="mse",
-                             loss_reduction="batchmean", seed=3)  # fmt: skip
+    precond = Preconditioner(model, SMWNG, damping=0.1, fisher="mc", fisher_samples=1,
+                             loss="mse", loss_reduction="batchmean", seed=3)  # fmt: skip
     model.zero_grad()
     out = model(x)
     precond.backward_fisher(out)
@@ -213,6 +213,61 @@ def test_sampled_natural_gradient_is_the_fisher_of_the_sampled_labels():
         offset += d_out * (d_in + 1)
     u = u[:, np.concatenate(order)]
     dense = np.linalg.solve(u.T @ u / 5 + 0.1 * np.eye(len(g)), g)
+    np.testing.assert_allclose(d, dense, rtol=1e-8)
+
+
+def _records_u(records, model, n):
+    """``U``'s rows from the captured records of ``_mlp``'s two layers: one per example and
+    output direction (the records' leading axis), columns in parameter order."""
+    us = []
+    for name in ("0", "2"):
+        r = records[name]
+        a = torch.cat([r.input[:n], torch.ones(n, 1, dtype=r.input.dtype)], 1)
+        grads = r.grad if r.grad.ndim == 3 else r.grad[None]
+        us.append(torch.einsum("kni,nj->knij", grads[:, :n], a).reshape(len(grads) * n, -1))
+    u = torch.cat(us, 1).numpy()
+    order, offset = [], 0
+    for layer in (model[0], model[2]):  # weight then bias per layer; W̄ = [W, b] row-major
+        d_out, d_in = layer.weight.shape
+        idx = np.arange(d_out * (d_in + 1)).reshape(d_out, d_in + 1) + offset
+        order += [idx[:, :d_in].ravel(), idx[:, d_in]]
+        offset += d_out * (d_in + 1)
+    return u[:, np.concatenate(order)]
+
+
+@pytest.mark.parametrize("sub", [None, 3], ids=["batch", "subsample"])
+def test_several_sampled_labels_average_their_fishers(sub):
+    """``fisher_samples=s``: ``s`` draws of the sampled δ per example, each scaled by
+    ``1/√s`` (the network output's records are exactly the draws of the sampling generator),
+    and the direction solves ``(F̂ + λI) d = g`` with ``F̂ = (1/m) Σ_n (1/s) Σ_j u_nj u_njᵀ``."""
+    from curvlin.adapters.torch import sample_output_grad
+
+    model = _mlp()
+    n, s = 5, 3
+    m = n if sub is None else sub
+    x, y = _data(model, "mse", n)
+    fn = LOSS_FNS[("mse", "batchmean")]
+    precond = Preconditioner(model, SMWNG, damping=0.1, fisher="mc", fisher_samples=s,
+                             loss="mse", loss_reduction="batchmean", seed=3,
+                             subsample=sub)  # fmt: skip
+    model.zero_grad()
+    out = model(x)
+    precond.backward_fisher(out)
+    records = {name: r[0] for name, r in precond._curv.capture.records.items()}
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack([
+        sample_output_grad(out.detach(), loss="mse", reduction="batchmean", generator=gen)
+        for _ in range(s)
+    ])  # fmt: skip
+    assert records["2"].grad.shape == (s, m, 3)
+    torch.testing.assert_close(records["2"].grad, draws[:, :m] / math.sqrt(s))
+    fn(out, y).backward()
+    g = _flat([p.grad for p in model.parameters()]).clone().numpy()
+    assert precond.step()
+    d = _flat([p.grad for p in model.parameters()]).numpy()
+    u = _records_u(records, model, m)
+    assert u.shape[0] == s * m
+    dense = np.linalg.solve(u.T @ u / m + 0.1 * np.eye(len(g)), g)
     np.testing.assert_allclose(d, dense, rtol=1e-8)
 
 
@@ -288,6 +343,15 @@ def test_options_are_checked():
         SMWNG(model, fisher="ggn", loss="mse")
     with pytest.raises(ValueError, match="subsample must be a positive int"):
         SMWNG(model, loss="mse", subsample=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="fisher_samples must be a positive int"):
+            SMWNG(model, loss="mse", fisher_samples=bad)
+    with pytest.raises(ValueError, match="fisher_samples=2 draws labels for fisher='mc'"):
+        SMWNG(model, fisher="empirical", fisher_samples=2)
+    # blocks that take one output gradient per example cannot average several draws
+    kfac_block = KFAC.block_factory()[0]
+    with pytest.raises(ValueError, match="fisher_samples=2 needs blocks that take output"):
+        Curvature(model, kfac_block, owner="KFAC", fisher="mc", loss="mse", fisher_samples=2)
     with pytest.raises(ValueError, match="loss_reduction must be 'mean' or 'batchmean'"):
         SMWGN(model, loss="mse", loss_reduction="sum")
     opt = SMWNG(model, fisher="empirical")

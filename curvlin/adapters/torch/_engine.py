@@ -90,6 +90,10 @@ class Curvature:
         Fisher's extra backward, or (``"ggn"``, for blocks with ``output_directions``) one
         batched backward of the columns of the output-Hessian square root, the exact
         Gauss–Newton's ``k`` output directions per example (both :meth:`backward_fisher`).
+    fisher_samples : int
+        Labels drawn per example for ``fisher="mc"``: with more than one, each draw's output
+        gradients, scaled by ``1/√fisher_samples``, are one output direction per example
+        (blocks with ``output_directions``), so the curvature averages the draws.
     loss, loss_reduction, seed
         The loss (for sampling and the output Hessian), how it reduces, and the sampling seed.
     subsample : int, optional
@@ -116,6 +120,7 @@ class Curvature:
         refresh_every: int = 1,
         check_every: int | None = None,
         fisher: str = "empirical",
+        fisher_samples: int = 1,
         loss: str | None = None,
         loss_reduction: str = "mean",
         factor_dtype: torch.dtype | None = None,
@@ -132,6 +137,16 @@ class Curvature:
         if fisher != "empirical" and loss not in LOSSES:
             raise ValueError(
                 f"{owner}: fisher={fisher!r} needs loss, one of {LOSSES}; got {loss!r}"
+            )
+        whole = isinstance(fisher_samples, int) and not isinstance(fisher_samples, bool)
+        if not whole or fisher_samples < 1:
+            raise ValueError(
+                f"{owner}: fisher_samples must be a positive int, got {fisher_samples!r}"
+            )
+        if fisher_samples > 1 and fisher != "mc":
+            raise ValueError(
+                f"{owner}: fisher_samples={fisher_samples} draws labels for fisher='mc', "
+                f"not fisher={fisher!r}"
             )
         if subsample is not None and (
             isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1
@@ -159,6 +174,10 @@ class Curvature:
             stats_every=stats_every, refresh_every=refresh_every, check_every=check_every
         )
         self.owner, self.fisher, self.units = owner, fisher, units
+        self.fisher_samples = fisher_samples
+        #: Output gradients carry a leading axis of output directions, (k, N, d_out): the
+        #: Gauss–Newton's, or several sampled labels per example.
+        self.directions = fisher == "ggn" or fisher_samples > 1
         self.subsample = subsample
         self.loss, self.loss_reduction = loss, loss_reduction
         if units == "parameters":
@@ -193,9 +212,10 @@ class Curvature:
         self.driver = Driver(
             blocks, states, schedule=schedule, owner=owner, distributor=distributor
         )
-        if fisher == "ggn" and not all(b.output_directions for b in blocks.values()):
+        if self.directions and not all(b.output_directions for b in blocks.values()):
+            what = "fisher='ggn'" if fisher == "ggn" else f"fisher_samples={fisher_samples}"
             raise ValueError(
-                f"{owner}: fisher='ggn' needs blocks that take output directions "
+                f"{owner}: {what} needs blocks that take output directions "
                 "(Block.output_directions)"
             )
         self.needs = self.driver.needs
@@ -256,8 +276,8 @@ class Curvature:
                 "run the model in training mode with gradients enabled"
             )
         outputs = [r.output for r in records]
-        if self.fisher == "ggn":
-            grads = self._backward_directions(output, outputs)
+        if self.directions:
+            grads = self._backward_directions(output, outputs, self._output_directions(output))
         else:
             delta = sample_output_grad(
                 output, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
@@ -270,7 +290,7 @@ class Curvature:
             for record in recorded:
                 if keep is not None and name not in keep:
                     record.output = None  # consumed: free the pre-activation now
-        axis = 1 if self.fisher == "ggn" else 0  # the example axis of a captured gradient
+        axis = 1 if self.directions else 0  # the example axis of a captured gradient
         sub = self.subsample
         for record, grad in zip(records, grads):
             if grad is not None and sub is not None and grad.shape[axis] > sub:
@@ -322,26 +342,42 @@ class Curvature:
         # says it); 1 where the engine does not count examples (the ordinary gradient).
         return {name: LayerBatch(grad=g, n_examples=n) for name, g in grads.items()}
 
-    def _backward_directions(self, output, outputs):
-        """Gradients of ``q_na · f_n`` for every output direction ``a``: shape (k, m, ...)
-        per recorded output for the ``m`` examples of the subsample (all without one).
-
-        With the whole batch, one batched backward (``is_grads_batched``; a loop where an
-        operation has no batching rule). With a subsample, one backward per direction, each
-        result cut to the subsample at once: the batched backward's ``(k, N, ...)``
-        intermediates would cost ``N/m`` times the memory for rows that are never read."""
+    def _output_directions(self, output):
+        """The output directions of every example, shape (k, N, D): the columns ``q_na`` of
+        the output-Hessian square root (``"ggn"``), or ``fisher_samples`` sampled output
+        gradients scaled by ``1/√fisher_samples`` (``"mc"``)."""
         if output.ndim != 2:
+            what = "fisher='ggn'" if self.fisher == "ggn" else "fisher_samples > 1"
             raise ValueError(
-                f"{self.owner}: fisher='ggn' needs the network output as (N, D), got "
+                f"{self.owner}: {what} needs the network output as (N, D), got "
                 f"{tuple(output.shape)}"
             )
         f = output.detach()
+        if self.fisher == "mc":
+            draws = [
+                sample_output_grad(
+                    f, loss=self.loss, reduction=self.loss_reduction, generator=self.generator
+                )
+                for _ in range(self.fisher_samples)
+            ]
+            return torch.stack(draws).mul_(self.fisher_samples**-0.5)
         q = output_hessian_sqrt(
             f if f.dtype in (torch.float32, torch.float64) else f.float(),
             loss=self.loss,
             reduction=self.loss_reduction,
         )
-        directions = q.permute(2, 0, 1).to(f.dtype)  # (k, N, D), one row per example
+        return q.permute(2, 0, 1).to(f.dtype)  # (k, N, D), one row per example
+
+    def _backward_directions(self, output, outputs, directions):
+        """Gradients of ``d_na · f_n`` for every output direction ``a`` (``directions``,
+        (k, N, D)): shape (k, m, ...) per recorded output for the ``m`` examples of the
+        subsample (all without one).
+
+        With the whole batch, one batched backward (``is_grads_batched``; a loop where an
+        operation has no batching rule). With a subsample, one backward per direction, each
+        result cut to the subsample at once: the batched backward's ``(k, N, ...)``
+        intermediates would cost ``N/m`` times the memory for rows that are never read."""
+        f = output.detach()
         sub = self.subsample
         grad = functools.partial(torch.autograd.grad, output, outputs, retain_graph=True,
                                  allow_unused=True)  # fmt: skip
@@ -382,7 +418,7 @@ class Curvature:
         # input is the cheaper probe (and the stricter: it also sees entries no patch reads).
         self.input_probes = []
         sampled = self.fisher != "empirical" and not plus
-        directions = self.fisher == "ggn" and not plus  # output_grads (k, R, d_out)
+        directions = self.directions and not plus  # output_grads (k, R, d_out)
         examples = self.capture.examples
         for name, recorded in self.capture.records.items():
             # Forward passes whose output never reached a backward (an extra evaluation with

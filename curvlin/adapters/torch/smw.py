@@ -51,13 +51,17 @@ class _SMW(CurvatureOptimizer):
 
     default_damping = 0.1
     _fisher_choices: tuple[str, ...] = ()
+    #: Labels drawn per example for ``fisher="mc"`` when ``fisher_samples`` is not given.
+    default_fisher_samples = 1
 
     def __init__(self, model: nn.Module, lr, damping, momentum, weight_decay, *, owner, fisher,
                  loss, loss_reduction, subsample, momentum_form, kl_clip, relative_kl_clip,
-                 adaptive_damping, adapt_every, unsupported, seed):  # fmt: skip
+                 adaptive_damping, adapt_every, unsupported, seed,
+                 fisher_samples=None):  # fmt: skip
         make_block, options = self.block_factory(
-            fisher=fisher, loss=loss, loss_reduction=loss_reduction, subsample=subsample, seed=seed
-        )
+            fisher=fisher, loss=loss, loss_reduction=loss_reduction, subsample=subsample,
+            seed=seed, fisher_samples=fisher_samples,
+        )  # fmt: skip
         super().__init__(model, make_block, owner=owner, lr=lr, damping=damping,
                          momentum=momentum, weight_decay=weight_decay,
                          momentum_form=momentum_form, kl_clip=kl_clip,
@@ -66,9 +70,12 @@ class _SMW(CurvatureOptimizer):
                          unsupported=unsupported, **options)  # fmt: skip
 
     @classmethod
-    def block_factory(cls, *, fisher=None, loss=None, loss_reduction="mean", **engine_options):
+    def block_factory(cls, *, fisher=None, fisher_samples=None, loss=None, loss_reduction="mean",
+                      **engine_options):  # fmt: skip
         """The block of each layer, and the engine options (for the engine)."""
         fisher = cls._fisher_choices[0] if fisher is None else fisher
+        if fisher_samples is None:
+            fisher_samples = cls.default_fisher_samples if fisher == "mc" else 1
         if fisher not in cls._fisher_choices:
             raise ValueError(
                 f"{cls.__name__}: fisher must be one of {cls._fisher_choices}, got {fisher!r}"
@@ -82,8 +89,8 @@ class _SMW(CurvatureOptimizer):
         def make(name, h):
             return LinearKernelBlock(h.d_out, h.d_in, bias=h.bias is not None)
 
-        return make, {"fisher": fisher, "loss": loss, "loss_reduction": loss_reduction,
-                      **engine_options}  # fmt: skip
+        return make, {"fisher": fisher, "fisher_samples": fisher_samples, "loss": loss,
+                      "loss_reduction": loss_reduction, **engine_options}  # fmt: skip
 
     @staticmethod
     def curvature_damping(group) -> float:
@@ -111,24 +118,34 @@ class SMWNG(_SMW):
     model : nn.Module
         The model; hooks are registered on its supported layers.
     {common}
-    fisher : {{"empirical", "mc"}}
-        ``"empirical"``: the true labels' gradients of the ordinary ``loss.backward()`` (a
-        plain loop works; ASDL's variant). ``"mc"``: the sampled Fisher (one label per
-        example drawn from the model's prediction; call :meth:`backward_fisher` with the
-        network output before ``loss.backward()`` on each step), as in Ren & Goldfarb.
+    fisher : {{"mc", "empirical"}}
+        ``"mc"``: the sampled Fisher (labels drawn from the model's prediction, as in Ren &
+        Goldfarb; needs ``loss``, and :meth:`backward_fisher` called with the network output
+        before ``loss.backward()`` on each step). ``"empirical"``: the true labels' gradients
+        of the ordinary ``loss.backward()`` (a plain loop works; ASDL's variant).
+    fisher_samples : int, optional
+        Labels drawn per example for ``fisher="mc"`` (default 4; Ren & Goldfarb draw one):
+        the Fisher is the mean over the draws (``m·fisher_samples`` columns of ``U`` and
+        rows of the kernel), an estimate of the exact Fisher that improves with the number
+        of draws, for ``fisher_samples`` backward passes (batched over the whole batch, or
+        one at a time with a ``subsample``). At ``m·fisher_samples`` rows it costs what
+        :class:`SMWGN` with ``m·fisher_samples/k`` examples does.
     {smw}
     Notes
     -----
-    **Defaults** are the best of the digits-autoencoder grid (docs page ``smw``): the
-    empirical Fisher of the whole batch, and momentum after the preconditioner
-    (``momentum_form="direction"``, unlike the engine's default): the ``"gradient"`` form
+    **Defaults** come from the digits-autoencoder grid (docs page ``smw``): the sampled
+    Fisher with four labels per example, heavy-ball momentum 0.5 after the preconditioner
+    (``momentum_form="direction"``, unlike the engine's default: the ``"gradient"`` form
     applies the current batch's curvature to earlier gradients, which lie off its span and
-    are scaled by ``1/(λ + τ)``. ``adaptive_damping`` needs ``momentum_form="gradient"``.
+    are scaled by ``1/(λ + τ)``), and ``kl_clip=0.01``, which keeps the fit of one batch
+    bounded (without it, or with the empirical Fisher, the step overshoots once the model
+    fits the batch). ``adaptive_damping`` needs ``momentum_form="gradient"``.
 
-    **Cost** per step: the sampled Fisher's extra backward (``"mc"``), the kernels
-    ``O(m² Σ_l (d_in + d_out))`` for Linear layers, one ``O(m³)`` Cholesky and two products
-    with each layer's rows; memory ``O(m Σ_l (d_in + d_out) + m²)``. It beats a Kronecker
-    method when the layers are wide and ``m`` small (``P ≫ m``); see the docs page ``smw``.
+    **Cost** per step: the sampled Fisher's ``fisher_samples`` extra backward passes, the
+    kernels ``O(r² Σ_l (d_in + d_out))`` for Linear layers with ``r = m·fisher_samples``
+    rows (``m`` for the empirical Fisher), one ``O(r³)`` Cholesky and two products with
+    each layer's rows; memory ``O(r Σ_l (d_in + d_out) + r²)``. It beats a Kronecker
+    method when the layers are wide and ``r`` small (``P ≫ r``); see the docs page ``smw``.
     The solve looks once at the host (the Cholesky's success flag).
     {behaviour}
     References
@@ -145,7 +162,7 @@ class SMWNG(_SMW):
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-    >>> opt = SMWNG(model, lr=1.0, damping=0.1, momentum=0.0, fisher="mc", loss="mse")
+    >>> opt = SMWNG(model, lr=1.0, damping=0.1, momentum=0.0, loss="mse", kl_clip=None)
     >>> x = torch.randn(64, 4)
     >>> y = x.sum(dim=1, keepdim=True)
     >>> def closure():
@@ -162,16 +179,18 @@ class SMWNG(_SMW):
     True
     """
 
-    _fisher_choices = ("empirical", "mc")
+    _fisher_choices = ("mc", "empirical")
+    default_fisher_samples = 4
 
-    default_damping = 0.01
+    default_damping = 0.05
 
-    def __init__(self, model: nn.Module, lr: float = 0.05, damping: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 0.0, *,
-                 fisher: str = "empirical", loss: str | None = None,
+    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 0.05,
+                 momentum: float = 0.5, weight_decay: float = 0.0, *,
+                 fisher: str = "mc", fisher_samples: int | None = None,
+                 loss: str | None = None,
                  loss_reduction: str = "mean", subsample: int | None = None,
                  momentum_form: str = "direction",
-                 kl_clip: float | None = None, relative_kl_clip: float | None = None,
+                 kl_clip: float | None = 0.01, relative_kl_clip: float | None = None,
                  adaptive_damping: bool = False, adapt_every: int = 1, unsupported="error",
                  seed: int = 0):  # fmt: skip
         super().__init__(model, lr, damping, momentum, weight_decay, owner="SMWNG",
@@ -179,7 +198,8 @@ class SMWNG(_SMW):
                          subsample=subsample, momentum_form=momentum_form, kl_clip=kl_clip,
                          relative_kl_clip=relative_kl_clip,
                          adaptive_damping=adaptive_damping, adapt_every=adapt_every,
-                         unsupported=unsupported, seed=seed)  # fmt: skip
+                         unsupported=unsupported, seed=seed,
+                         fisher_samples=fisher_samples)  # fmt: skip
 
 
 class SMWGN(_SMW):
