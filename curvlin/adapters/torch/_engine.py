@@ -177,7 +177,7 @@ class Curvature:
         self.fisher_samples = fisher_samples
         #: Output gradients carry a leading axis of output directions, (k, N, d_out): the
         #: Gauss–Newton's, or several sampled labels per example.
-        self.directions = fisher == "ggn" or fisher_samples > 1
+        self.output_directions = fisher == "ggn" or fisher_samples > 1
         self.subsample = subsample
         self.loss, self.loss_reduction = loss, loss_reduction
         if units == "parameters":
@@ -212,7 +212,7 @@ class Curvature:
         self.driver = Driver(
             blocks, states, schedule=schedule, owner=owner, distributor=distributor
         )
-        if self.directions and not all(b.output_directions for b in blocks.values()):
+        if self.output_directions and not all(b.output_directions for b in blocks.values()):
             what = "fisher='ggn'" if fisher == "ggn" else f"fisher_samples={fisher_samples}"
             raise ValueError(
                 f"{owner}: {what} needs blocks that take output directions "
@@ -276,7 +276,7 @@ class Curvature:
                 "run the model in training mode with gradients enabled"
             )
         outputs = [r.output for r in records]
-        if self.directions:
+        if self.output_directions:
             grads = self._backward_directions(output, outputs, self._output_directions(output))
         else:
             delta = sample_output_grad(
@@ -290,7 +290,7 @@ class Curvature:
             for record in recorded:
                 if keep is not None and name not in keep:
                     record.output = None  # consumed: free the pre-activation now
-        axis = 1 if self.directions else 0  # the example axis of a captured gradient
+        axis = 1 if self.output_directions else 0  # the example axis of a captured gradient
         sub = self.subsample
         for record, grad in zip(records, grads):
             if grad is not None and sub is not None and grad.shape[axis] > sub:
@@ -418,7 +418,7 @@ class Curvature:
         # input is the cheaper probe (and the stricter: it also sees entries no patch reads).
         self.input_probes = []
         sampled = self.fisher != "empirical" and not plus
-        directions = self.directions and not plus  # output_grads (k, R, d_out)
+        directions = self.output_directions and not plus  # output_grads (k, R, d_out)
         examples = self.capture.examples
         for name, recorded in self.capture.records.items():
             # Forward passes whose output never reached a backward (an extra evaluation with
