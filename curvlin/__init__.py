@@ -7,7 +7,7 @@ CuPy.
 
 from typing import TYPE_CHECKING
 
-from ._errors import LinAlgError
+from ._errors import LinAlgError, NonFiniteError
 from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
@@ -89,6 +89,7 @@ __all__ = [
     "LBFGSState",
     "LinAlgError",
     "LinearTerms",
+    "NonFiniteError",
     "Partition",
     "__version__",
     "bfgs_inverse_update",

@@ -23,7 +23,7 @@ from numbers import Real
 
 import numpy as np
 
-from ._errors import LinAlgError
+from ._errors import LinAlgError, NonFiniteError
 from ._validation import check_damping, check_square, namespace_of
 from .backends import Array, Backend
 
@@ -289,7 +289,7 @@ def _cholesky(
     if rhs is not None and not bool(rhs_finite):
         rhs_name, b = rhs
         bad = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(b)), xp.int32)))
-        raise LinAlgError(
+        raise NonFiniteError(
             f"{func}: {rhs_name} of shape {tuple(b.shape)} holds NaN or inf in {bad} of its "
             f"{math.prod(b.shape)} entries; the solve would not be finite"
         )
@@ -322,7 +322,7 @@ def _raise_if_not_finite(xp, m: Array, func: str, name: str) -> None:
     if not bool(xp.all(finite)):
         bad = int(xp.sum(xp.astype(xp.logical_not(finite), xp.int32)))
         n = m.shape[-1]
-        raise LinAlgError(
+        raise NonFiniteError(
             f"{func}: {name} of shape {tuple(m.shape)} holds NaN or inf in {bad} of its "
             f"{n}×{n} matrices; nothing to factorise"
         )

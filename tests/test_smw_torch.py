@@ -378,3 +378,34 @@ def test_one_damping_for_all_coupled_layers():
                             damping={"0": 0.1, "2": 0.2})  # fmt: skip
     with pytest.raises(RuntimeError, match="need the step's batches"):
         driver.precondition(driver.states, grads)
+
+
+@pytest.mark.parametrize("form", ["gradient", "direction"])
+def test_an_overflowing_kernel_skips_the_step(form):
+    """Finite rows whose products overflow float32 (inputs of 1e10: gradients near 1e20,
+    kernel entries near 1e40) make the kernel inf: the step is skipped like a non-finite
+    batch, and neither the parameters nor the momentum buffers change (in the gradient form
+    the buffer is updated out of place until the solve has succeeded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = SMWNG(model, fisher="empirical", momentum_form=form, momentum=0.9, kl_clip=None)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def closure(x=x):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="curvature kernel holds NaN or inf"):
+        opt.step(lambda: closure(x * 1e10))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(
+        torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters())
+    )
+    opt.step(closure)  # and the next ordinary step trains on
+    assert opt.skipped_steps == 1

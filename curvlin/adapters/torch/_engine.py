@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..._errors import NonFiniteError
 from ...blocks import Block, Driver, LayerBatch, Schedule
 from ...damping import lm_adapt, predicted_change, reduction_ratio
 from ...losses import output_hessian_sqrt
@@ -874,13 +875,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss  # skipped: nothing changed
         states, batches = first
         first = None
-        buffers = self._buffers(grads, group_of) if self.momentum_form == "gradient" else None
+        buffers = None
+        if self.momentum_form == "gradient":
+            # a coupled solve can still fail (below): its momentum is committed with the step
+            buffers = self._buffers(grads, group_of, in_place=not driver.coupled)
         directions = driver.directions(
             states,
             grads if buffers is None else buffers,
             batches=batches if driver.coupled else None,
             damping=damping,
         )
+        if driver.coupled:
+            # One solve makes the coupled directions before any is applied. A kernel that
+            # overflows from finite rows (NaN or inf products) skips the step, as a
+            # non-finite batch does: nothing has been written yet.
+            try:
+                directions = list(directions)
+            except NonFiniteError:
+                driver.skip("its curvature kernel holds NaN or inf (the rows overflow)")
+                return loss
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0
         bound = self._clip_bound(loss)
         model = None
@@ -998,25 +1011,31 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if group["curvature"]:
                 group["damping"] = lm_adapt(group["damping"], self.last_ratio, factor=factor)
 
-    def _buffers(self, grads, group_of):
-        """``M ← μ M + g`` per layer (in place, see :meth:`_momentum`)."""
+    def _buffers(self, grads, group_of, *, in_place=True):
+        """``M ← μ M + g`` per layer (see :meth:`_momentum`)."""
         out = {}
         for name, pair in grads.items():
             h = self._curv.layers[name]
             new = [
-                None if g is None else self._momentum(p, g.view_as(p), group_of[id(p)]["momentum"])
+                None
+                if g is None
+                else self._momentum(p, g.view_as(p), group_of[id(p)]["momentum"], in_place)
                 for p, g in zip(h.params, pair)
             ]
             out[name] = (h.weight_grad(new[0]), new[1])
         return out
 
-    def _momentum(self, p, g, mu):
-        """``M ← μ M + g`` in place (a step past the finiteness verdict always commits), or a
-        copy of ``g`` on the first step (``g`` itself may be ``p.grad``); ``g`` for μ = 0."""
+    def _momentum(self, p, g, mu, in_place=True):
+        """``M ← μ M + g`` in place (a step past the finiteness verdict always commits), or
+        in a new tensor that :meth:`_apply` installs (``in_place=False``: a step that may still
+        be skipped), or a copy of ``g`` on the first step (``g`` itself may be ``p.grad``);
+        ``g`` for μ = 0."""
         if not mu:
             return g
         buf = self.state[p].get("momentum_buffer")
-        return g.clone() if buf is None else buf.mul_(mu).add_(g)
+        if buf is None:
+            return g.clone()
+        return buf.mul_(mu).add_(g) if in_place else buf.mul(mu).add_(g)
 
     def _clip_bound(self, loss):
         """The step's bound on ``lr²|ΔᵀM|``: ``kl_clip`` and ``relative_kl_clip·|loss|``
