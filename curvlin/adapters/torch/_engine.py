@@ -888,10 +888,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if driver.coupled:
             # One solve makes the coupled directions before any is applied. A kernel that
             # overflows from finite rows (NaN or inf products) skips the step, as a
-            # non-finite batch does: nothing has been written yet.
+            # non-finite batch does, where nothing has been written yet: every layer coupled
+            # (a per-layer block's new state is installed with the statistics).
             try:
                 directions = list(directions)
             except NonFiniteError:
+                if not all(b.coupled for b in driver.blocks.values()):
+                    raise
                 driver.skip("its curvature kernel holds NaN or inf (the rows overflow)")
                 return loss
         adapt = self.adaptive_damping and driver.step % self.adapt_every == 0

@@ -138,8 +138,8 @@ class SMWNG(_SMW):
     (``momentum_form="direction"``, unlike the engine's default: the ``"gradient"`` form
     applies the current batch's curvature to earlier gradients, which lie off its span and
     are scaled by ``1/(λ + τ)``), and ``kl_clip=0.01``, which keeps the fit of one batch
-    bounded (without it, or with the empirical Fisher, the step overshoots once the model
-    fits the batch). ``adaptive_damping`` needs ``momentum_form="gradient"``.
+    bounded (without it the loss of a small CNN fitting one batch rises a million-fold).
+    ``adaptive_damping`` needs ``momentum_form="gradient"``.
 
     **Cost** per step: the sampled Fisher's ``fisher_samples`` extra backward passes, the
     kernels ``O(r² Σ_l (d_in + d_out))`` for Linear layers with ``r = m·fisher_samples``
