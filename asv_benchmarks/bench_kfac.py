@@ -531,7 +531,7 @@ def _peak_in_subprocess(mode: str, device: str, problem: str, *, module: str = _
     # Every allocation above 64 KiB its own mapping, returned when freed: the resident set
     # follows the live tensors. With glibc's adaptive threshold the peak moves by ±25 MiB
     # from run to run with the address-space layout (peakmem_steps shows that raw figure).
-    # MKL keeps freed buffers for reuse unless told not to (about 3 MiB after K-BFGS(L)'s
+    # MKL keeps freed buffers for reuse unless told not to (2–3 MiB after K-BFGS(L)'s
     # factorisations on the CNN): the same kind of cache, left out the same way.
     env = {
         **os.environ,
