@@ -14,6 +14,7 @@ from _helpers import asarray, random_psd_low_rank, require_backend
 
 from curvlin import (
     LinAlgError,
+    NonFiniteError,
     kron_apply,
     kron_dense,
     kron_factorize,
@@ -213,9 +214,18 @@ def test_nan_matrix(xp, to_xp, func):
         "spd_solve": lambda: spd_solve(to_xp(m), to_xp(np.ones(3))),
     }[func]
     with pytest.raises(
-        LinAlgError, match=rf"{func}: m of shape \(3, 3\) holds NaN or inf in 1 of its 3×3"
+        NonFiniteError, match=rf"{func}: m of shape \(3, 3\) holds NaN or inf in 1 of its 3×3"
     ):
         call()
+
+
+def test_only_non_finite_input_is_a_non_finite_error(xp, to_xp):
+    """The engine skips a coupled step on :class:`NonFiniteError` alone: a matrix that is
+    finite but not positive definite stays a plain :class:`LinAlgError`."""
+    with pytest.raises(LinAlgError, match="not positive definite") as caught:
+        spd_inverse(to_xp(-np.eye(3)))
+    assert not isinstance(caught.value, NonFiniteError)
+    assert issubclass(NonFiniteError, LinAlgError)
 
 
 def test_nan_factor(xp, to_xp):
@@ -358,7 +368,7 @@ def test_spd_solve_non_finite_b(xp, to_xp, bad, m_kind, b_shape):
     b.reshape(-1)[1] = bad
     damping = 0.1 if m_kind == "damped" else 0.0
     with pytest.raises(
-        LinAlgError,
+        NonFiniteError,
         match=rf"spd_solve: b of shape {re.escape(str(b_shape))} holds NaN or inf in 1 of its "
         rf"{b.size} entries",
     ):
@@ -368,10 +378,12 @@ def test_spd_solve_non_finite_b(xp, to_xp, bad, m_kind, b_shape):
 def test_spd_solve_non_finite_m_and_b_names_m_first(xp, to_xp):
     m = np.eye(3)
     m[2, 0] = np.nan
-    with pytest.raises(LinAlgError, match=r"spd_solve: m of shape \(3, 3\) holds NaN or inf"):
+    with pytest.raises(NonFiniteError, match=r"spd_solve: m of shape \(3, 3\) holds NaN or inf"):
         spd_solve(to_xp(m), to_xp(np.full(3, np.nan)))
     # only the lower triangle of m is read: NaN above the diagonal is not m's fault
     m = np.eye(3)
     m[0, 2] = np.nan
-    with pytest.raises(LinAlgError, match=r"spd_solve: b of shape \(3, 1\) holds NaN or inf in 3"):
+    with pytest.raises(
+        NonFiniteError, match=r"spd_solve: b of shape \(3, 1\) holds NaN or inf in 3"
+    ):
         spd_solve(to_xp(m), to_xp(np.full((3, 1), np.inf)))
