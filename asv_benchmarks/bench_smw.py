@@ -3,7 +3,9 @@
 The MNIST autoencoder (784-1000-500-250-30-250-500-1000-784, batch 1000, float32, BCE with
 logits against the input; :func:`bench_kfac.build_model`) and the small CNN (three 3×3
 convolutions, batch 128, cross-entropy; :func:`bench_kfac.build_cnn`). A timed step is
-``zero_grad``, forward, [``backward_fisher``], loss, ``backward``, ``opt.step()``. Modes:
+``zero_grad``, forward, [``backward_fisher``], loss, ``backward``, ``opt.step()``; with a
+subsample ``m`` smaller than the batch, ``backward_fisher`` gets a forward pass of the ``m``
+examples alone (``model(x[:m])``, as ``docs/smw.md`` recommends). Modes:
 
 ======================= ==================================================================
 ``sgd``                 ``torch.optim.SGD(momentum=0.9)``: the baseline (and, in the ratio
@@ -65,7 +67,7 @@ class SMWTrainer:
             self.target = self.x
             self.model = bench_kfac.build_model(dev)
             self.loss_fn, loss = F.binary_cross_entropy_with_logits, "bce_with_logits"
-        self.mode, self.extra_backward = mode, False
+        self.mode, self.extra_backward, self.subsample = mode, False, None
         if mode == "sgd":
             self.opt = torch.optim.SGD(self.model.parameters(), lr=_LR_SGD, momentum=_MOMENTUM)
         else:
@@ -82,6 +84,8 @@ class SMWTrainer:
                 samples = int(kind.removeprefix("smw-ng-s")) if kind != "smw-ng" else 1
                 self.opt = SMWNG(self.model, fisher="mc", fisher_samples=samples, **common)
             self.extra_backward = self.opt.fisher != "empirical"
+            if int(m) < len(self.x):  # the directions' backward through the subsample alone
+                self.subsample = int(m)
         self.sync = torch.cuda.synchronize if self.x.device.type == "cuda" else (lambda: None)
         self.step()
         self.check()
@@ -91,7 +95,9 @@ class SMWTrainer:
         self.opt.zero_grad(set_to_none=True)
         output = self.model(self.x)
         loss = self.loss_fn(output, self.target)
-        if self.extra_backward:
+        if self.extra_backward and self.subsample:
+            self.opt.backward_fisher(self.model(self.x[: self.subsample]))
+        elif self.extra_backward:
             self.opt.backward_fisher(output)
         loss.backward()
         self.opt.step()

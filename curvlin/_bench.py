@@ -105,6 +105,9 @@ class Trainer:
         self.x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         self.y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
         self.loss, self.sampled = loss_function(loss), SETTINGS[name].sampled
+        sub = SETTINGS[name].options.get("subsample")
+        #: A curvature subsample smaller than the batch: backward_fisher gets its own forward.
+        self.subsample = sub if sub is not None and sub < len(self.x) else None
         self.opt = build(name, self.model, loss=loss, loss_reduction="mean")
         self.cuda = str(device).startswith("cuda")
         self.last = None
@@ -114,7 +117,8 @@ class Trainer:
             self.opt.zero_grad()
             out = self.model(self.x)
             if self.sampled:
-                self.opt.backward_fisher(out)
+                sub = self.subsample
+                self.opt.backward_fisher(self.model(self.x[:sub]) if sub else out)
             loss = self.loss(out, self.y)
             loss.backward()
             return loss

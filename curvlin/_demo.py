@@ -133,15 +133,18 @@ class PeakMemory:
         return False
 
 
-def make_closure(opt, model, batch, sampled: bool):
-    """zero_grad, forward, [backward_fisher], loss, backward: what every optimizer steps on."""
+def make_closure(opt, model, batch, sampled: bool, subsample: int | None = None):
+    """zero_grad, forward, [backward_fisher], loss, backward: what every optimizer steps on.
+    With a curvature ``subsample``, ``backward_fisher`` gets a forward pass of the subsample
+    alone, so its output directions are backpropagated through ``subsample`` examples only."""
 
     def closure():
         opt.zero_grad()
         logits = model(batch)
         loss = loss_fn(logits, batch)
         if sampled:
-            opt.backward_fisher(logits)
+            sub = subsample is not None and subsample < len(batch)
+            opt.backward_fisher(model(batch[:subsample]) if sub else logits)
         loss.backward()
         return loss
 
@@ -176,6 +179,7 @@ def train(
             name, model, loss="bce_with_logits", loss_reduction="batchmean", problem=problem
         )
         sampled = SETTINGS[name].sampled
+        subsample = settings(problem)[name].options.get("subsample")
         warmup = warmup_schedule(opt, settings(problem)[name].warmup)
         bar = tqdm(
             range(1, iterations + 1), desc=f"{name:<13}", unit="it", leave=True,
@@ -187,7 +191,7 @@ def train(
             if lo + batch_size > n:
                 perm, lo = torch.as_tensor(order.permutation(n), device=data.device), 0
             batch = data[perm[lo : lo + batch_size]]
-            loss = opt.step(make_closure(opt, model, batch, sampled))
+            loss = opt.step(make_closure(opt, model, batch, sampled, subsample))
             if warmup is not None:
                 warmup.step()
             run.losses.append(loss.item())  # the demo's one host sync per step, for the record

@@ -107,13 +107,17 @@ def _dense_ef(model, x, y, loss_fn, m, n):
     return u.T @ u / m
 
 
-def _engine_direction(model, method, x, y, loss_fn, **options):
+def _engine_direction(model, method, x, y, loss_fn, *, separate=False, **options):
+    """The engine's direction and the gradient; ``separate``: the curvature's directions
+    come from a forward pass of the subsample alone (``model(x[:subsample])``)."""
     precond = Preconditioner(model, method, **options)
     model.zero_grad()
     out = model(x)
     if method is SMWGN or options.get("fisher") == "mc":
-        precond.backward_fisher(out)
+        precond.backward_fisher(model(x[: options["subsample"]]) if separate else out)
     loss_fn(out, y).backward()
+    # a forward pass for the curvature alone is not one of the gradient's examples
+    assert precond._curv.capture.examples == len(x)
     g = _flat([p.grad for p in model.parameters()]).clone().numpy()
     assert precond.step()
     return g, _flat([p.grad for p in model.parameters()]).numpy()
@@ -136,6 +140,25 @@ def test_gauss_newton_direction_matches_dense(loss, reduction, kind, n, sub):
         model, SMWGN, x, y, fn, damping=lam, loss=loss, loss_reduction=reduction, subsample=sub
     )
     b = _dense_gn(model, x, loss, reduction, sub or n)
+    dense = np.linalg.solve(b + lam * np.eye(len(g)), g)
+    np.testing.assert_allclose(d, dense, rtol=1e-8, atol=1e-10 * np.abs(dense).max())
+
+
+@pytest.mark.parametrize(("loss", "reduction"), list(LOSS_FNS), ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_forward_pass_of_the_subsample_alone_gives_the_same_direction(loss, reduction, kind):
+    """``backward_fisher(model(x[:m]))`` with ``subsample=m``: the directions' backward runs
+    over the ``m`` examples only (one batched backward, not one per direction over the
+    batch), and the step is the one of the batch's output: (B_m + λI)⁻¹ g with the whole
+    batch's gradient."""
+    model = _mlp() if kind == "mlp" else _cnn()
+    x, y = _data(model, loss, 7)
+    fn, lam = LOSS_FNS[(loss, reduction)], 0.05
+    options = dict(damping=lam, loss=loss, loss_reduction=reduction, subsample=3)
+    g, d = _engine_direction(model, SMWGN, x, y, fn, separate=True, **options)
+    _, d_batch = _engine_direction(model, SMWGN, x, y, fn, **options)
+    np.testing.assert_allclose(d, d_batch, rtol=1e-10, atol=1e-12 * np.abs(d).max())
+    b = _dense_gn(model, x, loss, reduction, 3)
     dense = np.linalg.solve(b + lam * np.eye(len(g)), g)
     np.testing.assert_allclose(d, dense, rtol=1e-8, atol=1e-10 * np.abs(dense).max())
 
@@ -235,8 +258,11 @@ def _records_u(records, model, n):
     return u[:, np.concatenate(order)]
 
 
-@pytest.mark.parametrize("sub", [None, 3], ids=["batch", "subsample"])
-def test_several_sampled_labels_average_their_fishers(sub):
+@pytest.mark.parametrize(
+    ("sub", "separate"), [(None, False), (3, False), (3, True)],
+    ids=["batch", "subsample", "subsample-forward"],
+)  # fmt: skip
+def test_several_sampled_labels_average_their_fishers(sub, separate):
     """``fisher_samples=s``: ``s`` draws of the sampled δ per example, each scaled by
     ``1/√s`` (the network output's records are exactly the draws of the sampling generator),
     and the direction solves ``(F̂ + λI) d = g`` with ``F̂ = (1/m) Σ_n (1/s) Σ_j u_nj u_njᵀ``."""
@@ -252,11 +278,12 @@ def test_several_sampled_labels_average_their_fishers(sub):
                              subsample=sub)  # fmt: skip
     model.zero_grad()
     out = model(x)
-    precond.backward_fisher(out)
-    records = {name: r[0] for name, r in precond._curv.capture.records.items()}
+    curv_out = model(x[:m]) if separate else out  # the labels are drawn for its examples
+    precond.backward_fisher(curv_out)
+    records = {name: r[-1] for name, r in precond._curv.capture.records.items()}
     gen = torch.Generator().manual_seed(3)
     draws = torch.stack([
-        sample_output_grad(out.detach(), loss="mse", reduction="batchmean", generator=gen)
+        sample_output_grad(curv_out.detach(), loss="mse", reduction="batchmean", generator=gen)
         for _ in range(s)
     ])  # fmt: skip
     assert records["2"].grad.shape == (s, m, 3)

@@ -99,7 +99,8 @@ class Curvature:
         The loss (for sampling and the output Hessian), how it reduces, and the sampling seed.
     subsample : int, optional
         Hand the blocks only the first ``subsample`` examples of each batch (the curvature's
-        subsample; the gradient stays the whole batch's). None: every example.
+        subsample; the gradient stays the whole batch's; :meth:`backward_fisher` may take a
+        forward pass of the subsample alone). None: every example.
     factor_dtype : torch.dtype, optional
     unsupported : {"error", "sgd", "adam"} or callable
     units : {"layers", "parameters"}
@@ -251,10 +252,15 @@ class Curvature:
         self.sampled_grads = {}
         self.capture.root_outputs = False
         self.capture.active = self.driver.stats_due()
+        #: Examples of a forward pass of the subsample alone handed to :meth:`backward_fisher`
+        #: (None: the curvature's rows come from the batch's own forward pass).
+        self.curvature_examples: int | None = None
 
     def backward_fisher(self, output: torch.Tensor) -> None:
         """The extra backward of the sampled Fisher (labels drawn from ``output``) or of the
-        Gauss–Newton matrix (the output-Hessian square root's columns); δ captured."""
+        Gauss–Newton matrix (the output-Hessian square root's columns); δ captured. A
+        forward pass of the subsample alone is the curvature's
+        (:meth:`_note_curvature_forward`)."""
         if self.fisher == "empirical":
             raise RuntimeError(
                 f"{self.owner}: backward_fisher() is for fisher='mc' or 'ggn'; the empirical "
@@ -265,6 +271,7 @@ class Curvature:
         if self.units == "parameters":
             self._sample_param_grads(output)
             return
+        self._note_curvature_forward(output)
         records = [
             r
             for recs in self.capture.records.values()
@@ -298,6 +305,15 @@ class Curvature:
                 # only the subsample's rows are read: keep a copy of them, free the rest now
                 grad = grad.narrow(axis, 0, sub).clone()
             record.grad = grad  # None for a forward pass that did not lead to ``output``
+
+    def _note_curvature_forward(self, output: torch.Tensor) -> None:
+        """Recognise ``output`` as a forward pass of the subsample alone (``subsample`` rows,
+        recorded besides the batch's): its records are the curvature's, and its examples are
+        not the batch's (the gradient's example count, as a distributed average weighs it)."""
+        sub, seen = self.subsample, self.capture.examples
+        if output.ndim and sub is not None and output.shape[0] == sub and seen > sub:
+            self.capture.examples = seen - sub
+            self.curvature_examples = sub
 
     def _sample_param_grads(self, output: torch.Tensor) -> None:
         """Each trainable unit's gradient of the loss at sampled labels (batch-mean unless the
@@ -442,7 +458,8 @@ class Curvature:
             handler, block = self.layers[name], self.driver.blocks[name]
             needs = block.needs
             rows_of = sum(handler.n_examples(r.input) for r in records)  # whatever the reduction
-            n = examples or rows_of
+            # (a forward pass of the subsample alone: its own examples, every one of them)
+            n = (not plus and self.curvature_examples) or examples or rows_of
             mean = self.loss_reduction != "sum"
             sub = n if self.subsample is None else min(self.subsample, n)
             by_example = block.coupled or sub < n
@@ -820,9 +837,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._curv.capture.remove()
 
     def backward_fisher(self, output: torch.Tensor) -> None:
-        """The sampled Fisher's extra backward (``fisher="mc"``): call it after the forward
-        pass and before ``loss.backward()``; it keeps the graph and leaves ``.grad`` alone. A
-        no-op on steps that gather no statistics."""
+        """The sampled Fisher's extra backward (``fisher="mc"``; the Gauss–Newton directions'
+        for ``"ggn"``): call it after the forward pass and before ``loss.backward()``; it
+        keeps the graph and leaves ``.grad`` alone. A no-op on steps that gather no
+        statistics. With a ``subsample``, ``output`` may be a forward pass of the subsample
+        alone (``model(x[:subsample])``, exactly ``subsample`` rows): the curvature then
+        comes from that pass, and only its examples are backpropagated."""
         self._curv.backward_fisher(output)
 
     def _layer(self, layer) -> str:

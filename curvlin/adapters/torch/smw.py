@@ -19,7 +19,12 @@ _SMW_DOC = """
     subsample : int, optional
         ``m``: the curvature uses the first ``m`` examples of each batch (shuffle the data),
         the gradient the whole batch; None: every example. The solve is ``m × m`` for SMW-NG
-        and ``m·k × m·k`` for SMW-GN with ``k`` network outputs.
+        and ``m·k × m·k`` for SMW-GN with ``k`` network outputs. Hand
+        :meth:`backward_fisher` a forward pass of the subsample alone,
+        ``model(x[:subsample])``, and its output directions are backpropagated through the
+        ``m`` examples in one batched backward, instead of one backward per direction
+        through the whole batch's graph (the same step; what SMW-GN with many outputs, or
+        the sampled Fisher of a small subsample, should do).
     loss : {"cross_entropy", "bce_with_logits", "mse"}
         The training loss: where the sampled labels come from, or whose output Hessian the
         Gauss–Newton matrix uses.
@@ -212,8 +217,9 @@ class SMWGN(_SMW):
 
     with ``J_n`` the Jacobian of example ``n``'s ``k`` outputs, ``H_n = Q_n Q_nᵀ`` the loss's
     output Hessian (:func:`curvlin.output_hessian_sqrt`, closed form) and ``u_na = J_nᵀ q_na``.
-    :meth:`backward_fisher` (call it with the network output before ``loss.backward()``)
-    backpropagates the ``k`` columns of ``Q`` in one batched backward; the solve is
+    :meth:`backward_fisher` (call it with the network output before ``loss.backward()``, or
+    with the output of a forward pass of the subsample alone) backpropagates the ``k``
+    columns of ``Q`` in one batched backward; the solve is
     ``m·k × m·k``, sample-major. For these losses ``B`` is also the exact Fisher.
 
     Parameters
