@@ -2,7 +2,7 @@
 
 One table, :data:`SETTINGS`, holds each optimizer's hyperparameters and schedule, so the demo,
 the bench and the docs (``docs/demo.md``) agree on what "KFAC" or "Muon" means. The settings
-of KFAC, K-BFGS, K-BFGS(L), MBF, SMW-NG, Adam and SGD were tuned on the demo's CURVES
+of KFAC, K-BFGS, K-BFGS(L), MBF, SMW-NG, SMW-GN, Adam and SGD were tuned on the demo's CURVES
 autoencoder (``docs/kfac.md``, ``docs/mbf.md``, ``docs/smw.md``); TNT's and Shampoo's come from
 runs on the CURVES problem (``docs/demo.md``, ``docs/tnt_shampoo.md``): the digits optimum
 of ``docs/tnt_shampoo.md`` diverges on the summed loss, TNT refreshes every 6 steps only
@@ -25,7 +25,9 @@ class Setting:
 
     kind: str
     options: dict = field(default_factory=dict)
-    #: The closure must call ``opt.backward_fisher(output)`` (a sampled Fisher).
+    #: The closure must call ``opt.backward_fisher(output)`` (a sampled Fisher, or the
+    #: Gauss–Newton directions; with a ``subsample`` option, on a forward pass of the
+    #: subsample alone).
     sampled: bool = False
     #: A first-order torch baseline (no curvature).
     baseline: bool = False
@@ -68,6 +70,15 @@ SETTINGS = {
     "SMW-NG": Setting(
         "SMWNG",
         {"lr": 0.2, "damping": 0.1, "momentum": 0.5, "fisher_samples": 8, "kl_clip": 0.1},
+        sampled=True,
+    ),
+    # the exact Gauss-Newton of two examples: 784 outputs make the kernel 784 rows per
+    # example (1568 here; four examples cost five times the step for the same loss, and the
+    # best of eight points after 200 iterations is 128, docs/smw.md), fed a forward pass of
+    # the subsample alone
+    "SMW-GN": Setting(
+        "SMWGN",
+        {"lr": 0.3, "damping": 0.03, "momentum": 0.5, "subsample": 2, "kl_clip": 0.1},
         sampled=True,
     ),
     "TNT": Setting(
